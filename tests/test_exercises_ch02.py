@@ -1,0 +1,209 @@
+"""Tests for the chapter 02 checks: right answers pass, typical mistakes fail with a hint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm import exercises
+from tinylm.exercises import check, list_exercises, results
+from tinylm.exercises.ch02 import (
+    reference_apply_rope_at,
+    reference_block_params,
+    reference_causal_attention,
+    reference_forward_flops,
+)
+from tinylm.model import Block, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def _fresh_results(monkeypatch):
+    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
+    exercises.clear_results()
+    yield
+    exercises.clear_results()
+
+
+# ----------------------------------------------------------------- learner answers (fixtures)
+
+
+def block_params(n_embd, n_head, mlp_hidden):
+    return 4 * n_embd**2 + 3 * n_embd * mlp_hidden + 2 * n_embd
+
+
+def block_params_without_norms(n_embd, n_head, mlp_hidden):
+    return 4 * n_embd**2 + 3 * n_embd * mlp_hidden
+
+
+def block_params_per_head(n_embd, n_head, mlp_hidden):
+    return n_head * 4 * n_embd**2 + 3 * n_embd * mlp_hidden + 2 * n_embd
+
+
+def forward_flops(config, context):
+    c = config
+    matmuls = c.n_layer * (4 * c.n_embd**2 + 3 * c.n_embd * c.mlp_hidden)
+    matmuls += c.n_embd * c.vocab_size
+    attention = c.n_layer * 2 * context * c.n_embd
+    return 2 * (matmuls + attention)
+
+
+def forward_flops_no_attention(config, context):
+    return forward_flops(config, 0)
+
+
+def forward_flops_two_n(config, context):  # counts the embedding lookup as a matmul
+    from tinylm.model import count_parameters
+
+    return 2 * count_parameters(config) + 4 * config.n_layer * context * config.n_embd
+
+
+def causal_attention(q, k, v):
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def causal_attention_top_left(q, k, v):  # SDPA's is_causal aligns the mask top-left
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def causal_attention_unscaled(q, k, v):
+    T, S = q.shape[-2], k.shape[-2]
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    return (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def apply_rope_at(x, positions, theta=10000.0):
+    D = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+    angles = positions.float()[:, None] * inv_freq
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def apply_rope_interleaved(x, positions, theta=10000.0):
+    D = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+    angles = positions.float()[:, None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+def apply_rope_ignores_positions(x, positions, theta=10000.0):
+    return apply_rope_at(x, torch.arange(x.shape[-2]), theta)
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------- references match the lib
+
+
+@pytest.mark.parametrize("n_embd, n_head, mlp_hidden", [(128, 4, 344), (64, 8, 176), (32, 1, 40)])
+def test_reference_block_params_counts_a_lib_block(n_embd, n_head, mlp_hidden):
+    config = GPTConfig(n_embd=n_embd, n_head=n_head, mlp_hidden=mlp_hidden)
+    block = Block(config, 0)
+    assert reference_block_params(n_embd, n_head, mlp_hidden) == sum(
+        p.numel() for p in block.parameters()
+    )
+
+
+def test_reference_causal_attention_is_ordinary_causal_attention_when_square():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(
+        reference_causal_attention(q, k, v),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    )
+
+
+def test_reference_rope_at_offset_positions_keeps_relative_scores():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
+    score = lambda m, n: (
+        reference_apply_rope_at(q, torch.tensor([m]))
+        @ reference_apply_rope_at(k, torch.tensor([n])).T
+    ).item()
+    assert score(9, 4) == pytest.approx(score(105, 100), abs=1e-4)
+
+
+def test_reference_forward_flops_is_two_n_without_embedding_at_context_zero():
+    c = GPTConfig()
+    n_matmul = c.n_layer * (4 * c.n_embd**2 + 3 * c.n_embd * c.mlp_hidden) + c.n_embd * c.vocab_size
+    assert reference_forward_flops(c, 0) == 2 * n_matmul
+
+
+# ----------------------------------------------------------------- the checks
+
+
+def test_there_are_warm_up_core_and_stretch_exercises():
+    ch02 = list_exercises(2)
+    assert {ex.id for ex in ch02} == {
+        "ch02.block_params",
+        "ch02.forward_flops",
+        "ch02.causal_attention",
+        "ch02.apply_rope_at",
+    }
+    assert {ex.difficulty for ex in ch02} == {"warm-up", "core", "stretch"}
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "answer"),
+    [
+        ("ch02.block_params", block_params),
+        ("ch02.block_params", reference_block_params),
+        ("ch02.forward_flops", forward_flops),
+        ("ch02.forward_flops", reference_forward_flops),
+        ("ch02.causal_attention", causal_attention),
+        ("ch02.causal_attention", reference_causal_attention),
+        ("ch02.apply_rope_at", apply_rope_at),
+        ("ch02.apply_rope_at", reference_apply_rope_at),
+    ],
+)
+def test_correct_answers_pass(exercise_id, answer, capsys):
+    assert check(exercise_id, answer) is True
+    assert results()[-1].status == "passed"
+    assert "✓ passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "answer", "expected_in_message"),
+    [
+        ("ch02.block_params", block_params_without_norms, ["RMSNorm weight vectors"]),
+        ("ch02.block_params", block_params_per_head, ["do not multiply"]),
+        ("ch02.forward_flops", forward_flops_no_attention, ["left out attention"]),
+        ("ch02.forward_flops", forward_flops_two_n, ["embedding lookup"]),
+        ("ch02.causal_attention", causal_attention_top_left, ["top-left", "diagonal=S - T"]),
+        ("ch02.causal_attention", causal_attention_unscaled, ["1 / sqrt(head_dim)"]),
+        ("ch02.apply_rope_at", apply_rope_interleaved, ["half-split"]),
+        ("ch02.apply_rope_at", apply_rope_ignores_positions, ["positions you are given"]),
+    ],
+)
+def test_typical_mistakes_fail_with_a_targeted_hint(exercise_id, answer, expected_in_message):
+    assert check(exercise_id, answer) is False
+    result = results()[-1]
+    assert result.status == "failed"
+    assert f"{answer.__name__}(" in result.message and "Hint:" in result.message
+    for fragment in expected_in_message:
+        assert fragment in result.message
+
+
+@pytest.mark.parametrize(
+    "exercise_id",
+    ["ch02.block_params", "ch02.forward_flops", "ch02.causal_attention", "ch02.apply_rope_at"],
+)
+def test_stub_is_not_attempted(exercise_id):
+    assert check(exercise_id, stub) is False
+    assert results()[-1].status == "not_attempted"
+
+
+def test_wrong_shape_is_a_failure_not_a_crash():
+    assert check("ch02.causal_attention", lambda q, k, v: q.sum(-1)) is False
+    assert "shape" in results()[-1].message
