@@ -1,0 +1,207 @@
+"""Tests for the chapter 01 checks: right answers pass, typical mistakes fail with a hint."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import pytest
+
+from tinylm import exercises
+from tinylm.exercises import check, list_exercises, results
+from tinylm.exercises.ch01 import (
+    reference_compression_ratio,
+    reference_decode,
+    reference_encode,
+    reference_unigram_bits_per_byte,
+)
+from tinylm.tokenizer import BPETokenizer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_results(monkeypatch):
+    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
+    exercises.clear_results()
+    yield
+    exercises.clear_results()
+
+
+# ----------------------------------------------------------------- learner answers
+# The notebook's solutions (written independently of the references), then typical mistakes.
+
+
+def compression_ratio(text, tokenizer):
+    return len(text.encode("utf-8")) / len(tokenizer.encode(text))
+
+
+def compression_ratio_chars(text, tokenizer):  # wrong: characters, not bytes
+    return len(text) / len(tokenizer.encode(text))
+
+
+def compression_ratio_inverted(text, tokenizer):  # wrong: tokens per byte
+    return len(tokenizer.encode(text)) / len(text.encode("utf-8"))
+
+
+def decode(ids, merges):
+    vocab = {i: bytes([i]) for i in range(256)}
+    for i, (a, b) in enumerate(merges):
+        vocab[256 + i] = vocab[a] + vocab[b]
+    return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def decode_per_token(ids, merges):  # wrong: decodes each token's bytes on its own
+    vocab = {i: bytes([i]) for i in range(256)}
+    for i, (a, b) in enumerate(merges):
+        vocab[256 + i] = vocab[a] + vocab[b]
+    return "".join(vocab[i].decode("utf-8", errors="replace") for i in ids)
+
+
+def _merge(ids, pair, new_id):
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def encode(text, merges):
+    # one pass per merge, in the order learned: equivalent to "lowest rank first"
+    ids = list(text.encode("utf-8"))
+    for i, pair in enumerate(merges):
+        ids = _merge(ids, pair, 256 + i)
+    return ids
+
+
+def encode_reverse_order(text, merges):  # wrong: the last-learned merge first
+    ids = list(text.encode("utf-8"))
+    for i in reversed(range(len(merges))):
+        ids = _merge(ids, merges[i], 256 + i)
+    return ids
+
+
+def unigram_bits_per_byte(ids, n_bytes):
+    counts = Counter(int(i) for i in ids)
+    n = len(ids)
+    return -sum(c * math.log2(c / n) for c in counts.values()) / n_bytes
+
+
+def unigram_nats(ids, n_bytes):  # wrong: natural log
+    counts = Counter(int(i) for i in ids)
+    n = len(ids)
+    return -sum(c * math.log(c / n) for c in counts.values()) / n_bytes
+
+
+def unigram_per_token(ids, n_bytes):  # wrong: bits per token
+    counts = Counter(int(i) for i in ids)
+    n = len(ids)
+    return -sum(c * math.log2(c / n) for c in counts.values()) / n
+
+
+def unigram_no_int(ids, n_bytes):  # wrong for tensors: tensor elements hash by identity
+    counts = Counter(ids)
+    n = len(ids)
+    return -sum(c * math.log2(c / n) for c in counts.values()) / n_bytes
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------- pass / fail / not attempted
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "answer"),
+    [
+        ("ch01.compression_ratio", compression_ratio),
+        ("ch01.compression_ratio", reference_compression_ratio),
+        ("ch01.decode", decode),
+        ("ch01.decode", reference_decode),
+        ("ch01.encode", encode),
+        ("ch01.encode", reference_encode),
+        ("ch01.unigram_bits_per_byte", unigram_bits_per_byte),
+        ("ch01.unigram_bits_per_byte", reference_unigram_bits_per_byte),
+    ],
+)
+def test_correct_answers_pass(exercise_id, answer, capsys):
+    assert check(exercise_id, answer) is True
+    assert results()[-1].status == "passed"
+    assert "✓ passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "answer", "fragment"),
+    [
+        ("ch01.compression_ratio", compression_ratio_chars, "UTF-8 bytes"),
+        ("ch01.compression_ratio", compression_ratio_inverted, "tokens per byte"),
+        ("ch01.decode", decode_per_token, "decode once at the end"),
+        ("ch01.encode", encode_reverse_order, "order they were learned"),
+        ("ch01.unigram_bits_per_byte", unigram_nats, "nats"),
+        ("ch01.unigram_bits_per_byte", unigram_per_token, "bits per token"),
+    ],
+)
+def test_wrong_answers_fail_with_a_targeted_hint(exercise_id, answer, fragment, capsys):
+    assert check(exercise_id, answer) is False
+    message = results()[-1].message
+    assert results()[-1].status == "failed"
+    assert f"{answer.__name__}(" in message and " gave " in message and "expected" in message
+    assert "Hint:" in message and fragment in message
+    assert "✗ failed" in capsys.readouterr().out
+
+
+def test_unigram_check_catches_tensor_ids_counted_by_identity():
+    assert check("ch01.unigram_bits_per_byte", unigram_no_int) is False
+    message = results()[-1].message
+    assert "torch tensor" in message and "int(i)" in message
+
+
+@pytest.mark.parametrize(
+    "exercise_id",
+    ["ch01.compression_ratio", "ch01.decode", "ch01.encode", "ch01.unigram_bits_per_byte"],
+)
+def test_stub_is_not_attempted(exercise_id, capsys):
+    assert check(exercise_id, stub) is False
+    assert results()[-1].status == "not_attempted"
+    assert "not attempted" in capsys.readouterr().out
+
+
+def test_chapter_has_every_difficulty():
+    ch01 = list_exercises(1)
+    assert {ex.difficulty for ex in ch01} == {"warm-up", "core", "stretch"}
+    assert len(ch01) >= 3
+
+
+# ----------------------------------------------------------------- references agree with lib
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["aaabdaaabac", "the cat and the hat and the bat", "café crêpe naïve café crêpe", "ab" * 20],
+)
+def test_reference_encode_and_decode_match_the_tokenizer(text):
+    # One chunk and no special tokens: the pattern "(?s).+" keeps the whole text together.
+    tok = BPETokenizer.train(text, vocab_size=256 + 5, pattern=r"(?s).+", special_tokens=())
+    ids = reference_encode(text, tok.merges)
+    assert ids == tok.encode(text)
+    assert reference_decode(ids, tok.merges) == text == tok.decode(ids)
+
+
+def test_reference_unigram_on_a_tiny_case():
+    # two equally likely tokens: 1 bit each, 4 bits over 8 bytes
+    assert reference_unigram_bits_per_byte([1, 1, 2, 2], 8) == pytest.approx(0.5)
+    assert reference_unigram_bits_per_byte([7] * 5, 10) == 0.0
+
+
+def test_compression_check_uses_non_ascii_text():
+    # the check's cases must tell bytes from characters apart
+    from tinylm.exercises.ch01 import _tokenizer
+
+    text = "The café was closed. Pip ate a crêpe 🙂"
+    assert len(text.encode("utf-8")) != len(text)
+    assert re.search("[^\x00-\x7f]", text)
+    assert compression_ratio(text, _tokenizer()) != compression_ratio_chars(text, _tokenizer())
