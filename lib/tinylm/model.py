@@ -223,8 +223,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # Same bits as below with the scale folded into the fused op: a decode step runs
+            # 2 * n_layer + 1 norms, and each saved op is a few microseconds of a ~1 ms step.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # x * rsqrt(mean(x^2) + eps) in float32 (squares of bf16/fp16 activations lose too
-        # much precision), as one fused op: a decode step runs 2 * n_layer + 1 of these.
+        # much precision), as one fused op.
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
