@@ -124,7 +124,10 @@ class MoE(nn.Module):
                 continue
             tokens = token_of[start : start + n]
             y = expert(x[tokens]) * gate_of[start : start + n, None]
-            out.index_add_(0, tokens, y)  # scatter back; no token is ever dropped
+            # Scatter back; no token is ever dropped. A token appears at most once per expert,
+            # so a plain indexed add is exact (and, unlike index_add_, stays fast on a busy
+            # multi-threaded CPU, where index_add_ was measured ~1000x slower here).
+            out[tokens] += y
             start += n
         if self.shared is not None:
             out = out + self.shared(x)
