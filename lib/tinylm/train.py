@@ -1,0 +1,783 @@
+"""Train a tinylm GPT: AdamW, warm-up + cosine schedule, clipping, bits-per-byte evaluation.
+
+The loop is the classic nanoGPT one, written to be read:
+
+    for each step:
+        lr    = lr_at(step, config)                 # warm-up, then cosine decay to min_lr
+        x, y  = a random batch of windows           # from a generator seeded by config.seed
+        loss  = cross_entropy(model(x), y) + model.aux_loss()
+        loss.backward(); clip the gradient norm; optimizer.step()
+        every eval_interval steps: bits per byte on fixed validation windows
+
+Everything that decides the result is seeded and saved in checkpoints (weights, optimizer
+moments, the batch generator's state), so a run that is stopped and resumed ends with
+exactly the same weights as one that ran straight through.
+
+`load_or_train(name)` returns a ready model for later chapters: it loads the cached
+checkpoint of a named recipe (RECIPES) or trains it (about 90 s on two CPU cores) and saves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tinylm import checkpoint as ckpt
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (validated on creation; JSON-safe via to_dict)."""
+
+    steps: int = 1000  # optimizer updates; the schedule spans exactly this many
+    batch_size: int = 16  # sequences per step
+    block_size: int | None = None  # tokens per sequence; None: the model's context_length
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    min_lr: float = 1e-4  # the cosine decay ends here at the last step
+    warmup_steps: int = 50  # linear warm-up from lr/warmup_steps to lr
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only, never on norms or biases
+    beta1: float = 0.9
+    beta2: float = 0.95  # < 0.999: adapts faster, the usual choice for small fast LM runs
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
+    eval_interval: int = 100  # evaluate every this many steps (and at the last step)
+    eval_batches: int = 8  # fixed validation windows per evaluation: eval_batches * eval_batch_size
+    eval_batch_size: int | None = None  # None: batch_size
+    checkpoint_interval: int | None = (
+        None  # save every this many steps when checkpoint_dir is given
+    )
+    seed: int = 0  # seeds batch sampling and the evaluation windows (not the model's init)
+    device: str | None = None  # None: tinylm.device.pick_device() ($TINYLM_DEVICE, else the best)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, problem: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {problem}; {fix}")
+
+        need(self.steps >= 1, f"steps={self.steps} must be at least 1", "train for 1 or more steps")
+        need(
+            self.batch_size >= 1,
+            f"batch_size={self.batch_size} must be at least 1",
+            "use 1 or more",
+        )
+        need(
+            self.block_size is None or self.block_size >= 1,
+            f"block_size={self.block_size} must be positive",
+            "use None for the model's context length",
+        )
+        need(self.lr > 0, f"lr={self.lr} must be positive", "a small model trains well near 1e-3")
+        need(
+            0 <= self.min_lr <= self.lr,
+            f"min_lr={self.min_lr} must be between 0 and lr={self.lr}",
+            "use about lr/10",
+        )
+        need(
+            0 <= self.warmup_steps <= self.steps,
+            f"warmup_steps={self.warmup_steps} must be between 0 and steps={self.steps}",
+            "use a few percent of steps",
+        )
+        need(
+            self.weight_decay >= 0, f"weight_decay={self.weight_decay} is negative", "use 0 or more"
+        )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            need(0 <= value < 1, f"{name}={value} must be in [0, 1)", "use 0.9 and 0.95")
+        need(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip={self.grad_clip} must be positive",
+            "use None to turn clipping off",
+        )
+        need(
+            self.eval_interval >= 1,
+            f"eval_interval={self.eval_interval} must be at least 1",
+            "use 1 or more",
+        )
+        need(
+            self.eval_batches >= 1,
+            f"eval_batches={self.eval_batches} must be at least 1",
+            "use 1 or more",
+        )
+        need(
+            self.eval_batch_size is None or self.eval_batch_size >= 1,
+            f"eval_batch_size={self.eval_batch_size} must be positive",
+            "use None for batch_size",
+        )
+        need(
+            self.checkpoint_interval is None or self.checkpoint_interval >= 1,
+            f"checkpoint_interval={self.checkpoint_interval} must be positive",
+            "use None to save only at the end",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-safe dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build a TrainConfig from to_dict() output; unknown keys are an error (not ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"TrainConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)} "
+                "(was this saved by another version of tinylm?)"
+            )
+        return cls(**d)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for update `step` (0-based): linear warm-up, then cosine decay to min_lr.
+
+    Warm-up: the first updates use a small lr because Adam's moment estimates start from
+    nothing and early gradients are large; the cosine decay then lowers the lr smoothly so
+    the last steps settle into a minimum instead of bouncing around it. The last step
+    (steps - 1) uses exactly min_lr.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = config.steps - 1 - config.warmup_steps
+    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) only.
+
+    Decay pulls weights toward 0; that regularises matrices, but on a norm's gain it would
+    fight the normalisation and on a bias it would only add noise, so 1-D tensors are exempt.
+    named_parameters() lists a tied weight once, so it is updated once.
+    """
+    decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+# --------------------------------------------------------------------------- history
+
+
+class History(list):
+    """The records of a run, one dict per step: step, lr, train_loss (nats/token), train_bpb,
+    aux_loss, grad_norm (before clipping), tokens_seen, elapsed (s), tokens_per_s, and
+    val_bpb on evaluation steps. A plain list of dicts, so it is JSON-safe as it is."""
+
+    interrupted: bool = False
+
+    def column(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of every record that has `key` (e.g. "val_bpb" only at evals)."""
+        rows = [r for r in self if r.get(key) is not None]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    @property
+    def final_val_bpb(self) -> float | None:
+        """The last validation bits per byte, or None if there was no evaluation."""
+        values = self.column("val_bpb")[1]
+        return values[-1] if values else None
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or gradient became NaN or infinite; training stopped before saving anything."""
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    block_size: int | None = None,
+    batch_size: int = 16,
+    n_batches: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Mean cross-entropy (nats per predicted token) of `model` on a 1-D token tensor.
+
+    n_batches=None: one full pass over non-overlapping windows (every token predicted once,
+    the exact figure). n_batches=k: k batches of windows at random offsets drawn from a
+    generator seeded with `seed`, the same windows on every call, so evaluations during
+    training are comparable with each other and cost a fixed amount.
+    """
+    block_size = block_size or model.config.context_length
+    if tokens.dim() != 1:
+        raise ValueError(
+            f"tokens must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}"
+        )
+    if len(tokens) < block_size + 1:
+        raise ValueError(
+            f"only {len(tokens)} tokens to evaluate, fewer than block_size + 1 = {block_size + 1}; "
+            "use a bigger corpus (or val_fraction) or a smaller block_size"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in _eval_windows(tokens, block_size, batch_size, n_batches, seed):
+            logits = model(x.to(device))
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                y.to(device).reshape(-1),
+                reduction="sum",
+            )
+            total += loss.item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def _eval_windows(
+    tokens: torch.Tensor, block_size: int, batch_size: int, n_batches: int | None, seed: int
+):
+    """Yield (x, y) batches on the CPU: seeded random windows, or all windows in order."""
+    if n_batches is not None:
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(tokens) - block_size, (n_batches * batch_size,), generator=g)
+        offsets = torch.arange(block_size + 1)
+        for b in range(n_batches):
+            rows = tokens[starts[b * batch_size : (b + 1) * batch_size, None] + offsets]
+            yield rows[:, :-1], rows[:, 1:]
+        return
+    # Full pass: windows of block_size targets side by side; the last, shorter one on its own.
+    n_full = (len(tokens) - 1) // block_size
+    for b in range(0, n_full, batch_size):
+        starts = torch.arange(b, min(b + batch_size, n_full)) * block_size
+        rows = tokens[starts[:, None] + torch.arange(block_size + 1)]
+        yield rows[:, :-1], rows[:, 1:]
+    rest = tokens[n_full * block_size :]
+    if len(rest) > 1:
+        yield rest[None, :-1], rest[None, 1:]
+
+
+def evaluate_bpb(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    bytes_per_token: float,
+    block_size: int | None = None,
+    batch_size: int = 16,
+    n_batches: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Bits per byte of `model` on `tokens` (see evaluate_loss for the windows).
+
+    Bits per byte = (nats per token) / ln 2 / (bytes per token): the same units as the
+    corpus's entropy floor and comparable across tokenizers, unlike loss per token.
+    """
+    from tinylm.data import bits_per_byte
+
+    loss = evaluate_loss(model, tokens, block_size, batch_size, n_batches, seed)
+    return bits_per_byte(loss, bytes_per_token)
+
+
+# --------------------------------------------------------------------------- training
+
+
+# Fields of TrainConfig that may change between a checkpoint and a resumed run: they do not
+# change what the updates compute (steps does change the schedule; train() warns about it).
+_RESUMABLE_CHANGES = {
+    "steps",
+    "eval_interval",
+    "eval_batches",
+    "eval_batch_size",
+    "checkpoint_interval",
+    "device",
+}
+
+
+def train(
+    model: torch.nn.Module,
+    data: Any,
+    config: TrainConfig,
+    callback: Callable[[dict], Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    tokenizer: Any = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> History:
+    """Train `model` in place on `data` (a tinylm.data.TokenSplits) and return its History.
+
+    callback(record) is called after every step with that step's record (see History).
+    checkpoint_dir: save a resumable checkpoint there every config.checkpoint_interval steps
+    and when training stops (with `tokenizer` if given). resume=True: continue from the
+    checkpoint in checkpoint_dir if there is one (else start fresh); the result is
+    bit-identical to an uninterrupted run. stop_at: stop after this many steps although the
+    schedule spans config.steps (to split a run in two). Ctrl-C (KeyboardInterrupt) stops
+    cleanly: the model keeps its weights so far and the history has `interrupted = True`.
+    Raises TrainingDiverged when the loss or gradient stops being finite.
+    """
+    from tinylm.data import bits_per_byte, get_batch
+    from tinylm.device import pick_device
+
+    device = pick_device(config.device)
+    model.to(device)
+    block_size = config.block_size or model.config.context_length
+    if block_size > model.config.context_length:
+        raise ValueError(
+            f"block_size={block_size} is longer than the model's context_length={model.config.context_length}; "
+            "use a smaller block_size or a model with a longer context"
+        )
+    for split in ("train", "val"):
+        n = len(getattr(data, split))
+        if n < block_size + 1:
+            raise ValueError(
+                f"the {split} split has {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                "use a bigger corpus or a smaller block_size"
+            )
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)  # batch order: the only randomness
+    history = History()
+    start, elapsed_before = 0, 0.0
+    if resume and checkpoint_dir is not None and _has_train_state(checkpoint_dir):
+        start, elapsed_before, history = _restore(
+            checkpoint_dir, model, optimizer, generator, config
+        )
+    model.train()
+
+    def evaluate() -> float:
+        # Seed differs from the batch seed so eval windows are not the first training windows.
+        return evaluate_bpb(
+            model,
+            data.val,
+            data.val_bytes_per_token,
+            block_size,
+            eval_batch_size,
+            config.eval_batches,
+            config.seed + 1,
+        )
+
+    def save_checkpoint(step: int, elapsed: float) -> None:
+        train_state = {
+            "step": step,
+            "elapsed": elapsed,
+            "train_config": config.to_dict(),
+            "history": list(history),
+            "generator_state": generator.get_state(),
+            # Not used by a GPT without dropout, but cheap insurance for models that draw noise.
+            "torch_rng_state": torch.get_rng_state(),
+        }
+        meta = {"train_config": config.to_dict(), "step": step, "val_bpb": history.final_val_bpb}
+        ckpt.save(
+            checkpoint_dir,
+            model,
+            tokenizer,
+            meta=meta,
+            optimizer=optimizer,
+            train_state=train_state,
+        )
+
+    bar = _progress_bar(config.steps, start, progress)
+    tokens_per_step = config.batch_size * block_size
+    t_start = time.perf_counter()
+    train_time = 0.0  # seconds spent in training steps, without evaluation and saving
+    rate = None  # smoothed tokens/s for the progress bar
+    last_val = history.final_val_bpb
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(data.train, config.batch_size, block_size, generator, device=device)
+            logits = model(x)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            aux = model.aux_loss() if hasattr(model, "aux_loss") else torch.zeros((), device=device)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    _diverged_message(step + 1, "loss", loss_value, lr, checkpoint_dir)
+                )
+            optimizer.zero_grad(set_to_none=True)
+            (loss + aux).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.grad_clip or math.inf
+            ).item()
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(
+                    _diverged_message(step + 1, "gradient norm", grad_norm, lr, checkpoint_dir)
+                )
+            optimizer.step()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            rate = tokens_per_step / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_step / dt
+
+            done = step + 1
+            record = {
+                "step": done,
+                "lr": lr,
+                "train_loss": loss_value,
+                "train_bpb": bits_per_byte(loss_value, data.train_bytes_per_token),
+                "aux_loss": float(aux.item()),
+                "grad_norm": grad_norm,
+                "tokens_seen": done * tokens_per_step,
+                "elapsed": elapsed_before + time.perf_counter() - t_start,
+                "tokens_per_s": (done - start) * tokens_per_step / train_time,
+                "total_steps": config.steps,
+            }
+            if done % config.eval_interval == 0 or done == config.steps:
+                last_val = record["val_bpb"] = evaluate()
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{rate:,.0f}"}
+            if last_val is not None:
+                postfix["val_bpb"] = f"{last_val:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if (
+                checkpoint_dir is not None
+                and config.checkpoint_interval
+                and done % config.checkpoint_interval == 0
+            ):
+                save_checkpoint(done, record["elapsed"])
+    except KeyboardInterrupt:
+        history.interrupted = True
+        done = history[-1]["step"] if history else start
+        bar.write(f"training interrupted after step {done}; the model keeps its weights so far")
+    finally:
+        bar.close()
+    if checkpoint_dir is not None and not history.interrupted and end > start:
+        saved_every = config.checkpoint_interval
+        if not (saved_every and end % saved_every == 0):  # not saved at this very step already
+            save_checkpoint(end, elapsed_before + time.perf_counter() - t_start)
+    return history
+
+
+def _diverged_message(step: int, what: str, value: float, lr: float, checkpoint_dir: Any) -> str:
+    kept = (
+        f" The last good checkpoint in {checkpoint_dir} was left untouched."
+        if checkpoint_dir is not None
+        else ""
+    )
+    return (
+        f"training diverged at step {step}: the {what} is {value} (lr={lr:.3g}). Likely causes: the "
+        "learning rate is too high (lower lr, lengthen warm-up_steps, keep grad_clip on), fp16 "
+        "overflow (train in float32 or bfloat16), or bad input data. Nothing was saved for this step."
+        f"{kept}"
+    )
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm.auto bar (a widget in notebooks, text in a terminal); a silent stand-in if disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=True
+    )
+
+
+def _has_train_state(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / ckpt.TRAIN_STATE_JSON).is_file()
+
+
+def _restore(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+) -> tuple[int, float, History]:
+    """Load weights, optimizer moments, RNG states and history; return (step, elapsed, history)."""
+    saved_model = ckpt.load_config(directory).to_dict()
+    if saved_model != model.config.to_dict():
+        changed = sorted(
+            k
+            for k in set(saved_model) | set(model.config.to_dict())
+            if saved_model.get(k) != model.config.to_dict().get(k)
+        )
+        raise ValueError(
+            f"cannot resume from {directory}: it holds a different model (config differs in {changed}). "
+            "Fix: resume with the same GPTConfig, use another checkpoint_dir, or pass resume=False."
+        )
+    state = ckpt.load_train_state(directory, optimizer)
+    saved = TrainConfig.from_dict(state["train_config"])
+    changed = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(saved, f.name) != getattr(config, f.name)
+    ]
+    fixed = [name for name in changed if name not in _RESUMABLE_CHANGES]
+    if fixed:
+        raise ValueError(
+            f"cannot resume from {directory}: TrainConfig differs in {fixed}, which would change the "
+            "updates. Fix: resume with the saved settings, or pass resume=False to start over."
+        )
+    if "steps" in changed:
+        print(
+            f"resuming with steps={config.steps} (saved run had {saved.steps}): the lr schedule changes from here on"
+        )
+    ckpt.load_weights(directory, model)
+    generator.set_state(state["generator_state"])
+    if "torch_rng_state" in state:
+        torch.set_rng_state(state["torch_rng_state"])
+    return int(state["step"]), float(state["elapsed"]), History(state["history"])
+
+
+# --------------------------------------------------------------------------- live plot
+
+
+class LivePlot:
+    """A live bits-per-byte plot for notebooks: `train(..., callback=LivePlot())`.
+
+    Redraws one figure in place (through an IPython display handle) at most every `every_s`
+    seconds, at every evaluation and at the last step. Outside a notebook it only collects
+    the records; `figure()` draws them whenever you want (e.g. to savefig).
+    """
+
+    def __init__(
+        self, every_s: float = 3.0, entropy_floor: float | None = None, title: str = "training"
+    ) -> None:
+        self.every_s = every_s
+        self.entropy_floor = entropy_floor
+        self.title = title
+        self.records: list[dict] = []
+        self._handle = None
+        self._last_draw = -math.inf
+        self._live = _in_notebook()
+
+    def __call__(self, record: dict) -> None:
+        self.records.append(record)
+        last = record.get("step") == record.get("total_steps")
+        now = time.perf_counter()
+        if self._live and ("val_bpb" in record or last or now - self._last_draw >= self.every_s):
+            self._last_draw = now
+            self._show()
+
+    def figure(self):
+        """Draw the records so far into a new matplotlib Figure (no pyplot, no global state)."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        steps = [r["step"] for r in self.records]
+        train = [r["train_bpb"] for r in self.records]
+        if steps:
+            ax.plot(steps, train, lw=0.6, alpha=0.35, color="C0")
+            ax.plot(steps, _ema(train, 0.95), lw=1.5, color="C0", label="train (smoothed)")
+        evals = [(r["step"], r["val_bpb"]) for r in self.records if r.get("val_bpb") is not None]
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o-", color="C1", ms=4, label="validation")
+        if self.entropy_floor is not None:
+            ax.axhline(self.entropy_floor, ls="--", color="k", lw=1, label="entropy floor")
+        ax.set(xlabel="step", ylabel="bits per byte", title=self.title)
+        if steps:
+            ax.set_xlim(0, self.records[-1].get("total_steps", steps[-1]))
+            ax.set_ylim(0, max(train[: max(1, len(train) // 20)] + [1.0]) * 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
+        return fig
+
+    def _show(self) -> None:
+        import io
+
+        from IPython.display import Image, display
+
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png", dpi=90)
+        image = Image(data=buf.getvalue())
+        if self._handle is None:
+            self._handle = display(image, display_id=True)
+        else:
+            self._handle.update(image)
+
+
+def _ema(values: list[float], beta: float) -> list[float]:
+    """Exponential moving average with bias correction (so it starts at the first value)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (including a headless one run by nbval/nbclient)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a trained model: corpus, tokenizer size, model and training."""
+
+    description: str
+    model: dict[str, Any]  # GPTConfig fields; vocab_size comes from the tokenizer
+    train: TrainConfig
+    corpus: str = "stories"
+    corpus_seed: int = 0
+    corpus_kwargs: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int = 512
+    val_fraction: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+
+#: Named recipes for load_or_train. Later chapters add variants ("gqa", "mla", "moe", ...)
+#: as entries here; a recipe's checkpoint is retrained whenever its entry changes.
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe(
+        description="4-layer, 128-wide GPT on the generated stories; about 90 s on 2 CPU cores",
+        model={"context_length": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},
+        train=TrainConfig(
+            steps=600,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=30,
+            eval_interval=100,
+            eval_batches=8,
+        ),
+        vocab_size=512,
+    ),
+}
+
+
+def load_or_train(
+    name: str = "default", device: str | torch.device | None = None, progress: bool = True
+) -> tuple[torch.nn.Module, Any, dict]:
+    """Return (model, tokenizer, meta) of recipe `name`: from its checkpoint, else trained now.
+
+    The checkpoint lives in checkpoint_dir()/name. It is reused when it loads cleanly and was
+    made by the same recipe; otherwise the recipe runs from scratch (corpus, tokenizer (cached),
+    tokens, training) and the result is saved atomically. meta holds the recipe, val_bpb (a
+    full pass over the validation split), entropy_floor_bpb, train_time_s, tokens_per_s,
+    seed, the history and a sample.
+    """
+    from tinylm.data import load_corpus, prepare_tokens
+    from tinylm.device import describe_device, pick_device, seed_everything
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.paths import checkpoint_dir
+
+    if name not in RECIPES:
+        raise ValueError(
+            f"no recipe named {name!r}; choose one of {sorted(RECIPES)} or add yours to tinylm.train.RECIPES"
+        )
+    recipe = RECIPES[name]
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    path = checkpoint_dir() / name
+    if path.exists():
+        try:
+            model, tokenizer, meta = ckpt.load(path, device=device)
+        except (OSError, ValueError) as err:
+            print(f"retraining {name!r}: the checkpoint at {path} does not load ({err})")
+        else:
+            if meta.get("recipe") == recipe.to_dict():
+                return model, tokenizer, meta
+            print(f"retraining {name!r}: the recipe changed since {path} was saved")
+
+    seed = recipe.train.seed
+    seed_everything(seed)
+    corpus = load_corpus(recipe.corpus, seed=recipe.corpus_seed, **recipe.corpus_kwargs)
+    tokenizer = _cached_tokenizer(corpus, recipe.vocab_size, recipe.val_fraction)
+    data = prepare_tokens(corpus, tokenizer, val_fraction=recipe.val_fraction)
+    config = GPTConfig(**{**recipe.model, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(seed)  # the model's initial weights
+    model = GPT(config)
+    train_config = dataclasses.replace(recipe.train, device=str(device))
+    t0 = time.perf_counter()
+    history = train(model, data, train_config, progress=progress)
+    train_time = time.perf_counter() - t0
+    block_size = train_config.block_size or config.context_length
+    val_bpb = evaluate_bpb(
+        model, data.val, data.val_bytes_per_token, block_size, train_config.batch_size
+    )
+    meta = {
+        "name": name,
+        "recipe": recipe.to_dict(),
+        "val_bpb": val_bpb,
+        "entropy_floor_bpb": corpus.entropy_bits_per_byte,
+        "train_time_s": train_time,
+        "tokens_per_s": history[-1]["tokens_per_s"],
+        "tokens_seen": history[-1]["tokens_seen"],
+        "seed": seed,
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "val_bytes_per_token": data.val_bytes_per_token,
+        "history": list(history),
+        "sample": _quick_sample(model, tokenizer, n_tokens=120, seed=seed),
+    }
+    ckpt.save(path, model, tokenizer, meta=meta)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def _cached_tokenizer(corpus: Any, vocab_size: int, val_fraction: float) -> Any:
+    """Train a BPE tokenizer on the corpus's training split, or load it from cache_dir().
+
+    Only the training text is used, so the validation text stays unseen by every learned
+    part. The cache key hashes that text and includes the vocabulary size, so a changed
+    corpus never reuses a stale tokenizer.
+    """
+    from tinylm.data import split_text
+    from tinylm.paths import cache_dir
+    from tinylm.tokenizer import BPETokenizer
+
+    text = split_text(corpus.text, val_fraction)[0]
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = cache_dir() / f"tokenizer-{corpus.name}-{digest}-v{vocab_size}.json"
+    if path.is_file():
+        try:
+            return BPETokenizer.load(path)
+        except (OSError, ValueError) as err:
+            print(f"retraining the tokenizer: {path} does not load ({err})")
+    tokenizer = BPETokenizer.train(text, vocab_size)
+    tokenizer.save(path)  # atomic: a crash never leaves a half-written tokenizer in the cache
+    return tokenizer
+
+
+@torch.no_grad()
+def _quick_sample(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    n_tokens: int = 100,
+    seed: int = 0,
+    temperature: float = 0.8,
+) -> str:
+    """A short sample that starts after an end-of-text token (a fresh story), for meta and reports.
+
+    Deliberately minimal (full recompute each token, temperature only); chapter 04's
+    tinylm.generate is the real sampler.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([[tokenizer.eot_id]], device=device)
+    for _ in range(n_tokens):
+        logits = model(idx[:, -model.config.context_length :])[0, -1].float().cpu()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=g)
+        if nxt.item() == tokenizer.eot_id:
+            break
+        idx = torch.cat([idx, nxt.to(device)[None]], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(idx[0, 1:].tolist())

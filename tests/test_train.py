@@ -1,0 +1,406 @@
+"""Tests for tinylm.train: config, schedule, optimizer groups, loop, resume, evaluation, recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from tinylm import checkpoint
+from tinylm import train as T
+from tinylm.data import TokenSplits
+from tinylm.model import GPT, GPTConfig
+from tinylm.train import History, LivePlot, TrainConfig, TrainingDiverged, lr_at, train
+
+VOCAB = 32
+# Timing fields differ between runs by nature; everything else in a record must not.
+TIMING = ("elapsed", "tokens_per_s")
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16)
+    return GPT(GPTConfig(**{**base, **overrides}))
+
+
+def learnable_splits(n_train: int = 4000, n_val: int = 600) -> TokenSplits:
+    """A sequence a model can learn: token t+1 = (t + 3) mod VOCAB, with 10% random tokens."""
+    g = torch.Generator().manual_seed(0)
+
+    def seq(n: int) -> torch.Tensor:
+        x = (torch.arange(n) * 3) % VOCAB
+        noise = torch.rand(n, generator=g) < 0.1
+        return torch.where(noise, torch.randint(0, VOCAB, (n,), generator=g), x).long()
+
+    return TokenSplits(
+        train=seq(n_train), val=seq(n_val), train_bytes=2 * n_train, val_bytes=2 * n_val
+    )
+
+
+def small_config(**overrides) -> TrainConfig:
+    base = dict(
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=3,
+        eval_interval=4,
+        eval_batches=2,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def strip_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+# --------------------------------------------------------------------------- config and schedule
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("steps", 0),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("min_lr", 1.0),  # above lr
+        ("warmup_steps", 2000),  # above steps
+        ("weight_decay", -0.1),
+        ("beta2", 1.0),
+        ("grad_clip", 0.0),
+        ("eval_interval", 0),
+        ("checkpoint_interval", 0),
+    ],
+)
+def test_train_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_round_trips_and_rejects_unknown_keys():
+    config = TrainConfig(steps=7, lr=2e-3, warmup_steps=2, block_size=8, grad_clip=None)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown keys.*'lr_max'"):
+        TrainConfig.from_dict({**config.to_dict(), "lr_max": 1.0})
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    config = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [lr_at(s, config) for s in range(config.steps)]
+    assert lrs[0] == pytest.approx(1e-4)  # lr / warmup_steps
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))  # rising warm-up
+    assert lrs[9] == pytest.approx(1e-3)  # peak at the end of warm-up
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # then never rising
+    assert lrs[-1] == pytest.approx(1e-4)  # ends exactly at min_lr
+    assert lr_at(10_000, config) == pytest.approx(1e-4)  # and stays there
+
+
+def test_lr_schedule_without_warmup_starts_at_peak():
+    config = TrainConfig(steps=5, lr=1e-3, min_lr=0.0, warmup_steps=0)
+    assert lr_at(0, config) == pytest.approx(1e-3)
+    assert lr_at(2, config) == pytest.approx(0.5e-3)  # halfway through the cosine
+
+
+def test_weight_decay_only_on_matrices_and_tied_weight_once():
+    model = tiny_model(tie_embeddings=True)
+    opt = T.make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])  # the RMSNorm gains
+    norms = [m.weight for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    assert {id(p) for p in norms} == {id(p) for p in no_decay["params"]}
+    all_params = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(all_params) == len(set(all_params)) == len(list(model.parameters()))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_training_lowers_validation_bpb_and_records_every_step():
+    records = []
+    history = train(
+        tiny_model(),
+        learnable_splits(),
+        small_config(steps=40, eval_interval=10),
+        callback=records.append,
+        progress=False,
+    )
+    assert isinstance(history, History)
+    assert records == list(history)
+    assert [r["step"] for r in history] == list(range(1, 41))
+    steps, bpbs = history.column("val_bpb")
+    assert steps == [10, 20, 30, 40]
+    assert bpbs[-1] < bpbs[0]
+    assert history.final_val_bpb == bpbs[-1]
+    for r in history:
+        assert r["tokens_seen"] == r["step"] * 4 * 16
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, small_config(steps=40)))
+        assert r["aux_loss"] == 0.0  # dense model
+        assert math.isfinite(r["train_loss"]) and r["tokens_per_s"] > 0
+
+
+def test_grad_norm_is_recorded_before_clipping():
+    history = train(
+        tiny_model(), learnable_splits(), small_config(steps=3, grad_clip=1e-6), progress=False
+    )
+    assert all(r["grad_norm"] > 1e-3 for r in history)
+
+
+def test_same_seed_gives_identical_weights_and_history():
+    a, b = tiny_model(), tiny_model()
+    ha = train(a, learnable_splits(), small_config(), progress=False)
+    hb = train(b, learnable_splits(), small_config(), progress=False)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert strip_timing(ha) == strip_timing(hb)
+    c = tiny_model()
+    train(c, learnable_splits(), small_config(seed=1), progress=False)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)  # the seed picks the batches
+
+
+@pytest.mark.parametrize("mlp", ["dense", "moe"])
+def test_resume_is_bit_identical(tmp_path, mlp):
+    extra = (
+        dict(mlp="moe", n_experts=4, experts_per_token=2, moe_balance="bias")
+        if mlp == "moe"
+        else {}
+    )
+    config = small_config(steps=10)
+    straight = tiny_model(**extra)
+    h_straight = train(straight, learnable_splits(), config, progress=False)
+
+    first = tiny_model(**extra)
+    train(
+        first,
+        learnable_splits(),
+        config,
+        checkpoint_dir=tmp_path / "run",
+        stop_at=5,
+        progress=False,
+    )
+    # A different initialisation: everything must come from the checkpoint.
+    resumed = tiny_model(seed=123, **extra)
+    h_resumed = train(
+        resumed,
+        learnable_splits(),
+        config,
+        checkpoint_dir=tmp_path / "run",
+        resume=True,
+        progress=False,
+    )
+
+    for (name, x), y in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name
+    assert strip_timing(h_resumed) == strip_timing(h_straight)
+    assert checkpoint.load_train_state(tmp_path / "run")["step"] == 10
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    a, b = tiny_model(), tiny_model()
+    train(a, learnable_splits(), small_config(), progress=False)
+    train(
+        b,
+        learnable_splits(),
+        small_config(),
+        checkpoint_dir=tmp_path / "new",
+        resume=True,
+        progress=False,
+    )
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+    assert (tmp_path / "new" / "manifest.json").is_file()
+
+
+def test_resume_refuses_a_different_model_or_changed_settings(tmp_path):
+    train(
+        tiny_model(),
+        learnable_splits(),
+        small_config(),
+        checkpoint_dir=tmp_path / "run",
+        stop_at=4,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="different model.*n_embd"):
+        train(
+            tiny_model(n_embd=32),
+            learnable_splits(),
+            small_config(),
+            checkpoint_dir=tmp_path / "run",
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"TrainConfig differs in \['lr'\]"):
+        train(
+            tiny_model(),
+            learnable_splits(),
+            small_config(lr=1e-2),
+            checkpoint_dir=tmp_path / "run",
+            resume=True,
+            progress=False,
+        )
+
+
+def test_periodic_checkpoints_are_loadable(tmp_path):
+    config = small_config(steps=6, checkpoint_interval=2)
+    model = tiny_model()
+    train(model, learnable_splits(), config, checkpoint_dir=tmp_path / "run", progress=False)
+    loaded, tokenizer, meta = checkpoint.load(tmp_path / "run", device="cpu")
+    assert meta["step"] == 6 and tokenizer is None
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    forward = model.forward
+    calls = {"n": 0}
+
+    def poisoned(idx, *args, **kwargs):
+        out = forward(idx, *args, **kwargs)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # the 5th training step
+                out = out * float("nan")
+        return out
+
+    model.forward = poisoned
+    config = small_config(steps=10, checkpoint_interval=2, eval_interval=100)
+    with pytest.raises(TrainingDiverged, match=r"step 5.*loss is nan.*learning rate.*fp16"):
+        train(model, learnable_splits(), config, checkpoint_dir=tmp_path / "run", progress=False)
+    state = checkpoint.load_train_state(tmp_path / "run")
+    assert state["step"] == 4  # the last good one; nothing was written for the bad step
+    loaded, _, _ = checkpoint.load(tmp_path / "run", device="cpu")
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_keyboard_interrupt_stops_cleanly():
+    def interrupt(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    history = train(
+        tiny_model(), learnable_splits(), small_config(), callback=interrupt, progress=False
+    )
+    assert history.interrupted and len(history) == 3
+
+
+def test_block_size_longer_than_context_is_rejected():
+    with pytest.raises(
+        ValueError, match="block_size=32 is longer than the model's context_length=16"
+    ):
+        train(tiny_model(), learnable_splits(), small_config(block_size=32), progress=False)
+
+
+def test_too_little_validation_data_is_rejected():
+    data = dataclasses.replace(learnable_splits(), val=torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="val split has 10 tokens"):
+        train(tiny_model(), data, small_config(), progress=False)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def uniform_model() -> GPT:
+    """A model whose logits are all 0: its loss is exactly ln(vocab_size) on any token."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("n_batches", [None, 3])
+def test_evaluate_bpb_of_a_uniform_model_is_log2_vocab_over_bytes_per_token(n_batches):
+    tokens = torch.randint(0, VOCAB, (203,), generator=torch.Generator().manual_seed(0))
+    bpb = T.evaluate_bpb(
+        uniform_model(),
+        tokens,
+        bytes_per_token=2.5,
+        block_size=16,
+        batch_size=4,
+        n_batches=n_batches,
+    )
+    assert bpb == pytest.approx(math.log2(VOCAB) / 2.5, rel=1e-5)
+
+
+def test_full_pass_predicts_every_token_once():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        config = GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, idx):
+            seen.append(idx.clone())
+            return torch.zeros(*idx.shape, VOCAB)
+
+    tokens = torch.arange(50) % VOCAB
+    T.evaluate_loss(Recorder(), tokens, block_size=16, batch_size=2)
+    inputs = torch.cat([x.reshape(-1) for x in seen])
+    assert torch.equal(inputs, tokens[:-1])  # inputs 0..48 predict targets 1..49, once each
+
+
+def test_sampled_evaluation_is_repeatable_and_restores_train_mode():
+    model = tiny_model().train()
+    tokens = learnable_splits().val
+    a = T.evaluate_bpb(model, tokens, 2.0, block_size=16, batch_size=4, n_batches=2, seed=5)
+    b = T.evaluate_bpb(model, tokens, 2.0, block_size=16, batch_size=4, n_batches=2, seed=5)
+    assert a == b and model.training
+
+
+# --------------------------------------------------------------------------- live plot
+
+
+def test_live_plot_collects_records_and_draws_headless():
+    plot = LivePlot(entropy_floor=0.5)
+    history = train(
+        tiny_model(), learnable_splits(), small_config(steps=8), callback=plot, progress=False
+    )
+    assert plot.records == list(history)
+    fig = plot.figure()
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "bits per byte"
+    assert len(ax.lines) == 4  # raw train, smoothed train, validation, entropy floor
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path))
+    recipe = T.Recipe(
+        description="test",
+        model=dict(context_length=16, n_layer=1, n_head=2, n_embd=16),
+        train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1),
+        corpus_kwargs={"n_stories": 20},
+        vocab_size=280,
+    )
+    monkeypatch.setitem(T.RECIPES, "unit-test", recipe)
+    model, tokenizer, meta = T.load_or_train("unit-test", device="cpu", progress=False)
+    assert (tmp_path / "checkpoints" / "unit-test" / "manifest.json").is_file()
+    assert meta["recipe"] == recipe.to_dict()
+    assert len(meta["history"]) == 4 and meta["seed"] == 0
+    for key in ("val_bpb", "entropy_floor_bpb", "train_time_s", "tokens_per_s", "sample"):
+        assert key in meta
+    assert tokenizer.vocab_size == model.config.vocab_size
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached checkpoint should have been used")
+
+    monkeypatch.setattr(T, "train", no_training)
+    model2, _, meta2 = T.load_or_train("unit-test", device="cpu", progress=False)
+    assert meta2 == meta
+    assert torch.equal(model2.lm_head.weight, model.lm_head.weight)
+
+
+def test_load_or_train_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ValueError, match="no recipe named 'nope'.*default"):
+        T.load_or_train("nope")
