@@ -1,0 +1,242 @@
+"""Tests for the chapter 04 checks: right answers pass, typical mistakes fail with a hint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinylm import exercises
+from tinylm.exercises import check, list_exercises, results
+from tinylm.exercises.ch04 import (
+    _tiny_model,
+    reference_decode_tokens_per_s,
+    reference_greedy_with_cache,
+    reference_kv_cache_bytes,
+    reference_top_p_filter,
+)
+from tinylm.generate import generate
+from tinylm.model import GPTConfig, kv_cache_bytes_per_token
+
+
+@pytest.fixture(autouse=True)
+def _fresh_results(monkeypatch):
+    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
+    exercises.clear_results()
+    yield
+    exercises.clear_results()
+
+
+# ----------------------------------------------------------------- learner answers (fixtures)
+
+
+def kv_cache_bytes(config, context, batch_size, bytes_per_element):
+    return (
+        2 * config.n_layer * config.n_kv_head * config.head_dim
+        * bytes_per_element * context * batch_size
+    )  # fmt: skip
+
+
+def kv_cache_bytes_query_heads(config, context, batch_size, bytes_per_element):
+    return 2 * config.n_layer * config.n_embd * bytes_per_element * context * batch_size
+
+
+def kv_cache_bytes_keys_only(config, context, batch_size, bytes_per_element):
+    return kv_cache_bytes(config, context, batch_size, bytes_per_element) // 2
+
+
+def top_p_filter(probs, p):
+    sorted_p, idx = torch.sort(probs, descending=True, dim=-1)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    kept = sorted_p.masked_fill(mass_before >= p, 0.0)
+    out = torch.zeros_like(probs).scatter(-1, idx, kept)
+    return out / out.sum(-1, keepdim=True)
+
+
+def top_p_filter_drops_crossing(probs, p):
+    sorted_p, idx = torch.sort(probs, descending=True, dim=-1)
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) > p, 0.0)
+    out = torch.zeros_like(probs).scatter(-1, idx, kept)
+    return out / out.sum(-1, keepdim=True)
+
+
+def top_p_filter_not_renormalised(probs, p):
+    sorted_p, idx = torch.sort(probs, descending=True, dim=-1)
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, idx, kept)
+
+
+def top_p_filter_sorted_order(probs, p):
+    sorted_p, _ = torch.sort(probs, descending=True, dim=-1)
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= p, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def decode_tokens_per_s(weight_bytes, kv_bytes_per_token, context, batch_size, bandwidth):
+    return batch_size * bandwidth / (weight_bytes + batch_size * context * kv_bytes_per_token)
+
+
+def decode_tokens_per_s_weights_per_sequence(weight_bytes, kv, context, batch_size, bandwidth):
+    return batch_size * bandwidth / (batch_size * (weight_bytes + context * kv))
+
+
+def decode_tokens_per_s_no_kv(weight_bytes, kv, context, batch_size, bandwidth):
+    return batch_size * bandwidth / weight_bytes
+
+
+def greedy_with_cache(model, prompt_ids, max_new_tokens):
+    cache = model.new_cache(1)
+    out = []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids]), cache=cache)[0, -1]
+        for _ in range(max_new_tokens):
+            out.append(int(logits.argmax()))
+            logits = model(torch.tensor([[out[-1]]]), cache=cache)[0, -1]
+    return out
+
+
+def greedy_recompute(model, prompt_ids, max_new_tokens):
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+def greedy_with_cache_off_by_one(model, prompt_ids, max_new_tokens):
+    # feeds the prompt's last token again after the prefill: positions shift by one
+    cache = model.new_cache(1)
+    out = []
+    with torch.no_grad():
+        model(torch.tensor([prompt_ids]), cache=cache)
+        token = prompt_ids[-1]
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([[token]]), cache=cache)[0, -1].argmax())
+            out.append(token)
+    return out
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------- references match the lib
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTConfig(),
+        GPTConfig(n_layer=2, n_head=8, n_embd=64, attention="gqa", n_kv_head=2),
+        GPTConfig(attention="mqa"),
+    ],
+)
+def test_reference_kv_cache_bytes_matches_the_model_and_a_real_cache(config):
+    per_token = kv_cache_bytes_per_token(config, torch.float32)
+    assert reference_kv_cache_bytes(config, 1, 1, 4) == per_token
+    assert reference_kv_cache_bytes(config, 10, 3, 2) == 30 * per_token // 2
+    from tinylm.model import GPT
+
+    small = GPT(GPTConfig(**{**config.to_dict(), "context_length": 16, "vocab_size": 32}))
+    assert small.new_cache(3, max_len=16).nbytes() == reference_kv_cache_bytes(config, 16, 3, 4)
+
+
+def test_reference_kv_cache_bytes_llama3_8b_is_128_kib_per_token_in_bf16():
+    cfg = GPTConfig(n_layer=32, n_head=32, n_embd=4096, attention="gqa", n_kv_head=8)
+    assert reference_kv_cache_bytes(cfg, 1, 1, 2) == 131072
+
+
+def test_reference_top_p_keeps_the_crossing_token_and_renormalises():
+    out = reference_top_p_filter(torch.tensor([0.1, 0.6, 0.3]), 0.7)
+    torch.testing.assert_close(out, torch.tensor([0.0, 2 / 3, 1 / 3]))
+    assert torch.equal(reference_top_p_filter(torch.tensor([0.5, 0.3, 0.2]), 1e-6) > 0,
+                       torch.tensor([True, False, False]))  # fmt: skip
+
+
+def test_reference_decode_bound_is_bandwidth_over_bytes_read():
+    assert reference_decode_tokens_per_s(1e9, 0, 10, 1, 1e11) == pytest.approx(100.0)
+    # batching divides the weight reads between the sequences
+    one = reference_decode_tokens_per_s(1e9, 1e3, 100, 1, 1e11)
+    eight = reference_decode_tokens_per_s(1e9, 1e3, 100, 8, 1e11)
+    assert 7 < eight / one <= 8
+
+
+def test_reference_greedy_with_cache_equals_lib_generate():
+    model = _tiny_model(0)
+    assert reference_greedy_with_cache(model, [1, 2, 3], 15) == generate(
+        model, [1, 2, 3], 15, temperature=0
+    )
+
+
+# ----------------------------------------------------------------- the checks
+
+
+def test_there_are_warm_up_core_and_stretch_exercises():
+    ch04 = list_exercises(4)
+    assert {ex.id for ex in ch04} == {
+        "ch04.kv_cache_bytes",
+        "ch04.top_p_filter",
+        "ch04.decode_tokens_per_s",
+        "ch04.greedy_with_cache",
+    }
+    assert {ex.difficulty for ex in ch04} == {"warm-up", "core", "stretch"}
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "answer"),
+    [
+        ("ch04.kv_cache_bytes", kv_cache_bytes),
+        ("ch04.kv_cache_bytes", reference_kv_cache_bytes),
+        ("ch04.top_p_filter", top_p_filter),
+        ("ch04.top_p_filter", reference_top_p_filter),
+        ("ch04.decode_tokens_per_s", decode_tokens_per_s),
+        ("ch04.decode_tokens_per_s", reference_decode_tokens_per_s),
+        ("ch04.greedy_with_cache", greedy_with_cache),
+        ("ch04.greedy_with_cache", reference_greedy_with_cache),
+    ],
+)
+def test_correct_answers_pass(exercise_id, answer, capsys):
+    assert check(exercise_id, answer) is True
+    assert results()[-1].status == "passed"
+    assert "✓ passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("exercise_id", "answer", "expected_in_message"),
+    [
+        ("ch04.kv_cache_bytes", kv_cache_bytes_query_heads, ["n_kv_head", "GQA"]),
+        ("ch04.kv_cache_bytes", kv_cache_bytes_keys_only, ["key AND a value"]),
+        ("ch04.top_p_filter", top_p_filter_drops_crossing, ["crosses p"]),
+        ("ch04.top_p_filter", top_p_filter_not_renormalised, ["renormalise"]),
+        ("ch04.top_p_filter", top_p_filter_sorted_order, ["vocabulary's order"]),
+        ("ch04.decode_tokens_per_s", decode_tokens_per_s_weights_per_sequence, ["ONCE per step"]),
+        ("ch04.decode_tokens_per_s", decode_tokens_per_s_no_kv, ["KV cache"]),
+        ("ch04.greedy_with_cache", greedy_recompute, ["recompute the whole sequence"]),
+        ("ch04.greedy_with_cache", greedy_with_cache_off_by_one, ["feed only the token"]),
+    ],
+)
+def test_typical_mistakes_fail_with_a_targeted_hint(exercise_id, answer, expected_in_message):
+    assert check(exercise_id, answer) is False
+    result = results()[-1]
+    assert result.status == "failed"
+    assert f"{answer.__name__}(" in result.message and "Hint:" in result.message
+    for fragment in expected_in_message:
+        assert fragment in result.message
+
+
+@pytest.mark.parametrize(
+    "exercise_id",
+    [
+        "ch04.kv_cache_bytes",
+        "ch04.top_p_filter",
+        "ch04.decode_tokens_per_s",
+        "ch04.greedy_with_cache",
+    ],
+)
+def test_stub_is_not_attempted(exercise_id):
+    assert check(exercise_id, stub) is False
+    assert results()[-1].status == "not_attempted"
+
+
+def test_wrong_shape_is_a_failure_not_a_crash():
+    assert check("ch04.top_p_filter", lambda probs, p: probs.sum(-1)) is False
+    assert "shape" in results()[-1].message
