@@ -14,7 +14,8 @@ moments, the batch generator's state), so a run that is stopped and resumed ends
 exactly the same weights as one that ran straight through.
 
 `load_or_train(name)` returns a ready model for later chapters: it loads the cached
-checkpoint of a named recipe (RECIPES) or trains it (about 90 s on two CPU cores) and saves it.
+checkpoint of a named recipe (RECIPES) or trains it (about 90 s on two CPU cores) and saves it;
+`train_recipe(name, callback=LivePlot())` (re)trains and saves a recipe while you watch.
 """
 
 from __future__ import annotations
@@ -660,27 +661,74 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def _same_budget_variant(description: str, **model_changes: Any) -> Recipe:
+    """The "default" recipe with `model_changes` and half its steps (chapter 05's variants).
+
+    Chapter 05 trains four of these side by side (dense, GQA, MLA, MoE) with exactly the same
+    budget: same corpus, tokenizer, batch, block size, learning-rate schedule and seed, and
+    half the default's steps (and evaluation interval), so that all four train in about the
+    time of 2 default runs. Derived from the default entry, they stay in step when it changes.
+    """
+    base = RECIPES["default"]
+    steps = max(1, base.train.steps // 2)
+    train = dataclasses.replace(
+        base.train,
+        steps=steps,
+        warmup_steps=min(base.train.warmup_steps, steps),
+        eval_interval=max(1, base.train.eval_interval // 2),
+    )
+    model = {**base.model, **model_changes}
+    return dataclasses.replace(base, description=description, model=model, train=train)
+
+
+RECIPES.update(
+    {
+        "dense": _same_budget_variant(
+            "chapter 05 baseline: the default model with half the default's steps"
+        ),
+        "gqa": _same_budget_variant(
+            "chapter 05: grouped-query attention, half as many key/value heads as query heads",
+            attention="gqa",
+            n_kv_head=max(1, RECIPES["default"].model.get("n_head", 4) // 2),
+        ),
+        "mla": _same_budget_variant(
+            "chapter 05: multi-head latent attention (GPTConfig's default latent sizes)",
+            attention="mla",
+        ),
+        "moe": _same_budget_variant(
+            "chapter 05: mixture of experts (8 routed of which 2 per token + 1 shared, "
+            "bias-balanced) in every layer",
+            mlp="moe",
+            n_experts=8,
+            experts_per_token=2,
+            n_shared_experts=1,
+            moe_balance="bias",
+        ),
+    }
+)
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(
+            f"no recipe named {name!r}; choose one of {sorted(RECIPES)} or add yours to tinylm.train.RECIPES"
+        )
+    return RECIPES[name]
+
+
 def load_or_train(
     name: str = "default", device: str | torch.device | None = None, progress: bool = True
 ) -> tuple[torch.nn.Module, Any, dict]:
     """Return (model, tokenizer, meta) of recipe `name`: from its checkpoint, else trained now.
 
     The checkpoint lives in checkpoint_dir()/name. It is reused when it loads cleanly and was
-    made by the same recipe; otherwise the recipe runs from scratch (corpus, tokenizer (cached),
-    tokens, training) and the result is saved atomically. meta holds the recipe, val_bpb (a
-    full pass over the validation split), entropy_floor_bpb, train_time_s, tokens_per_s,
-    seed, the history and a sample.
+    made by the same recipe; otherwise `train_recipe(name)` runs the recipe from scratch and
+    saves the result (see there for what meta holds).
     """
-    from tinylm.data import load_corpus, prepare_tokens
-    from tinylm.device import describe_device, pick_device, seed_everything
-    from tinylm.model import GPT, GPTConfig
+    from tinylm.device import pick_device
     from tinylm.paths import checkpoint_dir
 
-    if name not in RECIPES:
-        raise ValueError(
-            f"no recipe named {name!r}; choose one of {sorted(RECIPES)} or add yours to tinylm.train.RECIPES"
-        )
-    recipe = RECIPES[name]
+    recipe = _recipe(name)
     device = device if isinstance(device, torch.device) else pick_device(device)
     path = checkpoint_dir() / name
     if path.exists():
@@ -692,18 +740,54 @@ def load_or_train(
             if meta.get("recipe") == recipe.to_dict():
                 return model, tokenizer, meta
             print(f"retraining {name!r}: the recipe changed since {path} was saved")
+    return train_recipe(name, device=device, progress=progress)
 
-    seed = recipe.train.seed
-    seed_everything(seed)
+
+def recipe_data(name: str = "default") -> tuple[Any, Any, Any]:
+    """Return (corpus, tokenizer, token splits) of recipe `name`.
+
+    The corpus comes from tinylm.data.load_corpus, the tokenizer is trained on the corpus's
+    training split once and then loaded from cache_dir(), and the splits are
+    tinylm.data.prepare_tokens with the recipe's val_fraction: exactly what train_recipe uses.
+    """
+    from tinylm.data import load_corpus, prepare_tokens
+
+    recipe = _recipe(name)
     corpus = load_corpus(recipe.corpus, seed=recipe.corpus_seed, **recipe.corpus_kwargs)
     tokenizer = _cached_tokenizer(corpus, recipe.vocab_size, recipe.val_fraction)
     data = prepare_tokens(corpus, tokenizer, val_fraction=recipe.val_fraction)
+    return corpus, tokenizer, data
+
+
+def train_recipe(
+    name: str = "default",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    callback: Callable[[dict], Any] | None = None,
+) -> tuple[torch.nn.Module, Any, dict]:
+    """Train recipe `name` from scratch, save it as its checkpoint, return (model, tokenizer, meta).
+
+    This is what load_or_train runs when there is no valid checkpoint; call it directly to
+    retrain while watching (callback as in `train`, e.g. LivePlot()). The checkpoint goes to
+    checkpoint_dir()/name, replacing the old one atomically. meta holds the recipe, val_bpb
+    (a full pass over the validation split), entropy_floor_bpb, train_time_s, tokens_per_s,
+    tokens_seen, n_params, seed, the history and a sample.
+    """
+    from tinylm.device import describe_device, pick_device, seed_everything
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.paths import checkpoint_dir
+
+    recipe = _recipe(name)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    seed = recipe.train.seed
+    seed_everything(seed)
+    corpus, tokenizer, data = recipe_data(name)
     config = GPTConfig(**{**recipe.model, "vocab_size": tokenizer.vocab_size})
     torch.manual_seed(seed)  # the model's initial weights
     model = GPT(config)
     train_config = dataclasses.replace(recipe.train, device=str(device))
     t0 = time.perf_counter()
-    history = train(model, data, train_config, progress=progress)
+    history = train(model, data, train_config, callback=callback, progress=progress)
     train_time = time.perf_counter() - t0
     block_size = train_config.block_size or config.context_length
     val_bpb = evaluate_bpb(
@@ -725,7 +809,7 @@ def load_or_train(
         "history": list(history),
         "sample": _quick_sample(model, tokenizer, n_tokens=120, seed=seed),
     }
-    ckpt.save(path, model, tokenizer, meta=meta)
+    ckpt.save(checkpoint_dir() / name, model, tokenizer, meta=meta)
     model.eval()
     return model, tokenizer, meta
 
