@@ -771,7 +771,8 @@ def train_recipe(
     retrain while watching (callback as in `train`, e.g. LivePlot()). The checkpoint goes to
     checkpoint_dir()/name, replacing the old one atomically. meta holds the recipe, val_bpb
     (a full pass over the validation split), entropy_floor_bpb, train_time_s, tokens_per_s,
-    tokens_seen, n_params, seed, the history and a sample.
+    tokens_seen, n_params, seed, the history and a sample. If training is interrupted
+    (Ctrl-C), nothing is saved and KeyboardInterrupt is raised again.
     """
     from tinylm.device import describe_device, pick_device, seed_everything
     from tinylm.model import GPT, GPTConfig
@@ -789,6 +790,11 @@ def train_recipe(
     t0 = time.perf_counter()
     history = train(model, data, train_config, callback=callback, progress=progress)
     train_time = time.perf_counter() - t0
+    if history.interrupted:  # never save a half-trained model under the recipe's name
+        raise KeyboardInterrupt(
+            f"training of recipe {name!r} was interrupted; nothing was saved "
+            "(an existing checkpoint is left as it was)"
+        )
     block_size = train_config.block_size or config.context_length
     val_bpb = evaluate_bpb(
         model, data.val, data.val_bytes_per_token, block_size, train_config.batch_size
