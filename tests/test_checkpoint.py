@@ -112,6 +112,31 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_a_save_that_races_another_writer_still_succeeds(tmp_path, monkeypatch):
+    """Two notebooks saving the same recipe at once: whoever renames last wins, whole."""
+    import os
+
+    target = tmp_path / "ck"
+    checkpoint.save(target, tiny_model(seed=0), meta={"writer": "old"})
+    real_replace = os.replace
+    raced = []
+
+    def racing_replace(src, dst):
+        # Just before writer A moves its finished folder into place, writer B gets in first.
+        if os.fspath(dst) == os.fspath(target) and ".tmp-" in os.fspath(src) and not raced:
+            raced.append(True)
+            checkpoint.save(target, tiny_model(seed=2), meta={"writer": "B"})
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing_replace)
+    a = tiny_model(seed=1)
+    checkpoint.save(target, a, meta={"writer": "A"})
+    assert raced
+    loaded, _, meta = checkpoint.load(target, device="cpu")
+    assert meta == {"writer": "A"} and torch.equal(logits(loaded), logits(a))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 def test_missing_folder_names_path_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint folder.*Fix"):
         checkpoint.load(tmp_path / "nope")

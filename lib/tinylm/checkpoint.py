@@ -124,16 +124,34 @@ def _swap_into_place(tmp: Path, directory: Path) -> None:
     POSIX cannot rename a folder over a non-empty one, so the old checkpoint is first renamed
     aside and deleted only after the new one is in place. Between the two renames (a few
     microseconds) `directory` does not exist; a crash exactly there leaves the old checkpoint
-    complete in the `.old-` sibling, which `load` points at in its error message.
+    complete in the `.old-` sibling, which `load` points at in its error message. Two
+    processes saving to the same folder at once (two notebooks training the same recipe)
+    both succeed: the one that renames last wins, whole.
     """
-    old = None
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    for _ in range(10):
+        old = None
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.replace(directory, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                old = None
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            # Another writer put its checkpoint in place between our two renames: again.
+            if not directory.exists():
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            continue
+        _fsync_dir(directory.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(
+        f"could not move the new checkpoint into {directory}: other processes kept replacing it"
+    )
 
 
 def _write_weights(path: Path, model: torch.nn.Module) -> None:

@@ -1,0 +1,65 @@
+"""Tests for tinylm.train.train_recipe / recipe_data: the one home of "train a recipe and save it"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinylm import train as T
+from tinylm.train import TrainConfig
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path))
+    recipe = T.Recipe(
+        description="test",
+        model=dict(context_length=16, n_layer=1, n_head=2, n_embd=16),
+        train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1),
+        corpus_kwargs={"n_stories": 20},
+        vocab_size=280,
+    )
+    monkeypatch.setitem(T.RECIPES, "unit-test", recipe)
+    return recipe
+
+
+def test_recipe_data_uses_the_recipes_corpus_and_vocabulary(tiny_recipe):
+    corpus, tokenizer, data = T.recipe_data("unit-test")
+    assert corpus.n_documents == 20 and tokenizer.vocab_size == tiny_recipe.vocab_size
+    assert data.train_bytes + data.val_bytes == corpus.n_bytes
+    again = T.recipe_data("unit-test")[2]  # the tokenizer comes from the cache: same tokens
+    assert torch.equal(again.train, data.train) and torch.equal(again.val, data.val)
+
+
+def test_train_recipe_calls_back_every_step_and_saves_what_load_or_train_reuses(
+    tiny_recipe, tmp_path, monkeypatch
+):
+    records = []
+    model, tokenizer, meta = T.train_recipe(
+        "unit-test", device="cpu", progress=False, callback=records.append
+    )
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert meta["recipe"] == tiny_recipe.to_dict() and meta["history"] == records
+    assert (tmp_path / "checkpoints" / "unit-test" / "manifest.json").is_file()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the checkpoint train_recipe saved should have been used")
+
+    monkeypatch.setattr(T, "train", no_training)
+    loaded, _, loaded_meta = T.load_or_train("unit-test", device="cpu", progress=False)
+    assert loaded_meta == meta
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_train_recipe_is_deterministic(tiny_recipe):
+    a = T.train_recipe("unit-test", device="cpu", progress=False)[0]
+    b = T.train_recipe("unit-test", device="cpu", progress=False)[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(ValueError, match="no recipe named 'nope'.*default"):
+        T.train_recipe("nope")
+    with pytest.raises(ValueError, match="no recipe named 'nope'"):
+        T.recipe_data("nope")
