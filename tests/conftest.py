@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import matplotlib
+import pytest
 
 # Tests never open windows; notebooks under nbval use their own inline backend.
 matplotlib.use("Agg")
@@ -17,3 +18,14 @@ def pytest_configure(config):
         raise KeyboardInterrupt(f"received signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_exercise_results(monkeypatch):
+    """Each test starts with no recorded exercise results and no grade file (one home)."""
+    from tinylm import exercises
+
+    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
+    exercises.clear_results()
+    yield
+    exercises.clear_results()

@@ -18,14 +18,6 @@ from tinylm.exercises.ch00 import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
-
 @pytest.fixture
 def scratch_exercise():
     """Register throw-away exercises under ch99 and remove them afterwards."""

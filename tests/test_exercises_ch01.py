@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from tinylm import exercises
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch01 import (
     reference_compression_ratio,
@@ -17,15 +16,6 @@ from tinylm.exercises.ch01 import (
     reference_unigram_bits_per_byte,
 )
 from tinylm.tokenizer import BPETokenizer
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers
 # The notebook's solutions (written independently of the references), then typical mistakes.

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm import exercises
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch02 import (
     reference_apply_rope_at,
@@ -17,15 +16,6 @@ from tinylm.exercises.ch02 import (
     reference_forward_flops,
 )
 from tinylm.model import Block, GPTConfig
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers (fixtures)
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from tinylm import exercises
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch03 import (
     reference_adamw_step,
@@ -16,15 +15,6 @@ from tinylm.exercises.ch03 import (
     reference_uniform_loss,
 )
 from tinylm.train import TrainConfig, lr_at
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers
 # The notebook's solutions (written independently of the references), then typical mistakes.

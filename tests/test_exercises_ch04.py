@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinylm import exercises
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch04 import (
     _tiny_model,
@@ -16,15 +15,6 @@ from tinylm.exercises.ch04 import (
 )
 from tinylm.generate import generate
 from tinylm.model import GPTConfig, kv_cache_bytes_per_token
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers (fixtures)
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm import exercises
 from tinylm.attention import apply_rope, rope_tables
 from tinylm.costs import expected_experts_touched
 from tinylm.exercises import check, list_exercises, results
@@ -27,15 +26,6 @@ from tinylm.model import (
     kv_cache_bytes_per_token,
 )
 from tinylm.train import RECIPES
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers (fixtures)
 

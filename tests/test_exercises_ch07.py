@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm import exercises
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch07 import (
     _scores,
@@ -16,15 +15,6 @@ from tinylm.exercises.ch07 import (
     reference_permute_for_half_rope,
 )
 from tinylm.port.parity import cosine_similarity as lib_cosine_similarity
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers (fixtures)
 

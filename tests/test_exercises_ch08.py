@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from tinylm import exercises
 from tinylm.costs import estimate, kv_cache_bytes_per_token, load_models
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch08 import (
@@ -16,15 +15,6 @@ from tinylm.exercises.ch08 import (
     reference_usd_per_million_tokens,
 )
 from tinylm.hardware import load_chips, ridge_point
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers (fixtures)
 

@@ -5,22 +5,12 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from tinylm import exercises
 from tinylm.costs import ModelShape, estimate
 from tinylm.distributed import valid_tp
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch09 import reference_allreduce_bytes, reference_survivor_world
 from tinylm.hardware import this_machine
 from tinylm.model import GPTConfig
-
-
-@pytest.fixture(autouse=True)
-def _fresh_results(monkeypatch):
-    monkeypatch.delenv("TINYLM_GRADE_FILE", raising=False)
-    exercises.clear_results()
-    yield
-    exercises.clear_results()
-
 
 # ----------------------------------------------------------------- learner answers
 
