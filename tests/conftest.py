@@ -6,6 +6,7 @@ import signal
 
 import matplotlib
 import pytest
+import torch
 
 # Tests never open windows; notebooks under nbval use their own inline backend.
 matplotlib.use("Agg")
@@ -20,6 +21,20 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one CPU thread, then restore the setting (opt in with ``usefixtures``).
+
+    The test models are tiny, so a second thread buys nothing, and on a busy 2-core machine an
+    op that opens an OpenMP region waits for a descheduled thread: in torch 2.13 index_add_
+    into a few rows (the MoE scatter at small batch) took ~100 ms instead of microseconds.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_exercise_results(monkeypatch):
     """Each test starts with no recorded exercise results and no grade file (one home)."""
@@ -29,3 +44,44 @@ def _fresh_exercise_results(monkeypatch):
     exercises.clear_results()
     yield
     exercises.clear_results()
+
+
+class ExerciseAsserts:
+    """The three outcomes every exercise test pins, in one place (see the `exercise` fixture).
+
+    Each call also checks what the learner sees printed under the check cell.
+    """
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def _run(self, exercise_id: str, answer, returns: bool, status: str, label: str):
+        from tinylm.exercises import check, results
+
+        self.capsys.readouterr()  # forget earlier output
+        assert check(exercise_id, answer) is returns, results()[-1].message
+        result = results()[-1]
+        assert result.status == status, result.message
+        assert label in self.capsys.readouterr().out
+        return result
+
+    def passes(self, exercise_id: str, answer) -> None:
+        """A right answer: check() returns True, records "passed" and prints a tick."""
+        self._run(exercise_id, answer, True, "passed", "✓ passed")
+
+    def fails(self, exercise_id: str, answer, *fragments: str) -> str:
+        """A wrong answer: check() returns False, records "failed"; the message has each fragment."""
+        message = self._run(exercise_id, answer, False, "failed", "✗ failed").message
+        for fragment in fragments:
+            assert fragment in message, f"{fragment!r} not in: {message}"
+        return message
+
+    def not_attempted(self, exercise_id: str, answer) -> None:
+        """A stub (raises NotImplementedError): check() returns False, "not attempted"."""
+        self._run(exercise_id, answer, False, "not_attempted", "not attempted")
+
+
+@pytest.fixture
+def exercise(capsys) -> ExerciseAsserts:
+    """Exercise-check assertions: ``.passes(id, f)``, ``.fails(id, f, *hints)``, ``.not_attempted``."""
+    return ExerciseAsserts(capsys)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tinylm import data
 from tinylm.data import (
     CORPORA,

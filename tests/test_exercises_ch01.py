@@ -118,10 +118,8 @@ def stub(*args):
         ("ch01.unigram_bits_per_byte", reference_unigram_bits_per_byte),
     ],
 )
-def test_correct_answers_pass(exercise_id, answer, capsys):
-    assert check(exercise_id, answer) is True
-    assert results()[-1].status == "passed"
-    assert "✓ passed" in capsys.readouterr().out
+def test_correct_answers_pass(exercise_id, answer, exercise):
+    exercise.passes(exercise_id, answer)
 
 
 @pytest.mark.parametrize(
@@ -135,13 +133,10 @@ def test_correct_answers_pass(exercise_id, answer, capsys):
         ("ch01.unigram_bits_per_byte", unigram_per_token, "bits per token"),
     ],
 )
-def test_wrong_answers_fail_with_a_targeted_hint(exercise_id, answer, fragment, capsys):
-    assert check(exercise_id, answer) is False
-    message = results()[-1].message
-    assert results()[-1].status == "failed"
-    assert f"{answer.__name__}(" in message and " gave " in message and "expected" in message
-    assert "Hint:" in message and fragment in message
-    assert "✗ failed" in capsys.readouterr().out
+def test_wrong_answers_fail_with_a_targeted_hint(exercise_id, answer, fragment, exercise):
+    exercise.fails(
+        exercise_id, answer, f"{answer.__name__}(", " gave ", "expected", "Hint:", fragment
+    )
 
 
 def test_unigram_check_catches_tensor_ids_counted_by_identity():
@@ -154,10 +149,8 @@ def test_unigram_check_catches_tensor_ids_counted_by_identity():
     "exercise_id",
     ["ch01.compression_ratio", "ch01.decode", "ch01.encode", "ch01.unigram_bits_per_byte"],
 )
-def test_stub_is_not_attempted(exercise_id, capsys):
-    assert check(exercise_id, stub) is False
-    assert results()[-1].status == "not_attempted"
-    assert "not attempted" in capsys.readouterr().out
+def test_stub_is_not_attempted(exercise_id, exercise):
+    exercise.not_attempted(exercise_id, stub)
 
 
 def test_chapter_has_every_difficulty():

@@ -157,10 +157,8 @@ def test_there_are_warm_up_core_and_stretch_exercises():
         ("ch02.apply_rope_at", reference_apply_rope_at),
     ],
 )
-def test_correct_answers_pass(exercise_id, answer, capsys):
-    assert check(exercise_id, answer) is True
-    assert results()[-1].status == "passed"
-    assert "✓ passed" in capsys.readouterr().out
+def test_correct_answers_pass(exercise_id, answer, exercise):
+    exercise.passes(exercise_id, answer)
 
 
 @pytest.mark.parametrize(
@@ -176,22 +174,18 @@ def test_correct_answers_pass(exercise_id, answer, capsys):
         ("ch02.apply_rope_at", apply_rope_ignores_positions, ["positions you are given"]),
     ],
 )
-def test_typical_mistakes_fail_with_a_targeted_hint(exercise_id, answer, expected_in_message):
-    assert check(exercise_id, answer) is False
-    result = results()[-1]
-    assert result.status == "failed"
-    assert f"{answer.__name__}(" in result.message and "Hint:" in result.message
-    for fragment in expected_in_message:
-        assert fragment in result.message
+def test_typical_mistakes_fail_with_a_targeted_hint(
+    exercise_id, answer, expected_in_message, exercise
+):
+    exercise.fails(exercise_id, answer, answer.__name__, "Hint:", *expected_in_message)
 
 
 @pytest.mark.parametrize(
     "exercise_id",
     ["ch02.block_params", "ch02.forward_flops", "ch02.causal_attention", "ch02.apply_rope_at"],
 )
-def test_stub_is_not_attempted(exercise_id):
-    assert check(exercise_id, stub) is False
-    assert results()[-1].status == "not_attempted"
+def test_stub_is_not_attempted(exercise_id, exercise):
+    exercise.not_attempted(exercise_id, stub)
 
 
 def test_wrong_shape_is_a_failure_not_a_crash():

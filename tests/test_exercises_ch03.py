@@ -114,10 +114,8 @@ def stub(*args, **kwargs):
         ("ch03.adamw_step", reference_adamw_step),
     ],
 )
-def test_correct_answers_pass(exercise_id, answer, capsys):
-    assert check(exercise_id, answer) is True
-    assert results()[-1].status == "passed"
-    assert "✓ passed" in capsys.readouterr().out
+def test_correct_answers_pass(exercise_id, answer, exercise):
+    exercise.passes(exercise_id, answer)
 
 
 @pytest.mark.parametrize(
@@ -134,13 +132,8 @@ def test_correct_answers_pass(exercise_id, answer, capsys):
         ("ch03.adamw_step", adamw_no_bias_correction, "beta1**step"),
     ],
 )
-def test_wrong_answers_fail_with_a_targeted_hint(exercise_id, answer, fragment, capsys):
-    assert check(exercise_id, answer) is False
-    message = results()[-1].message
-    assert results()[-1].status == "failed"
-    assert " gave " in message or "differs" in message
-    assert "Hint:" in message and fragment in message, message
-    assert "✗ failed" in capsys.readouterr().out
+def test_wrong_answers_fail_with_a_targeted_hint(exercise_id, answer, fragment, exercise):
+    exercise.fails(exercise_id, answer, "Hint:", fragment)
 
 
 def test_wrong_return_shapes_fail_clearly():
@@ -154,10 +147,8 @@ def test_wrong_return_shapes_fail_clearly():
     "exercise_id",
     ["ch03.uniform_loss", "ch03.cosine_lr", "ch03.clip_grad_norm", "ch03.adamw_step"],
 )
-def test_stub_is_not_attempted(exercise_id, capsys):
-    assert check(exercise_id, stub) is False
-    assert results()[-1].status == "not_attempted"
-    assert "not attempted" in capsys.readouterr().out
+def test_stub_is_not_attempted(exercise_id, exercise):
+    exercise.not_attempted(exercise_id, stub)
 
 
 def test_chapter_has_every_difficulty():

@@ -175,10 +175,8 @@ def test_there_are_warm_up_core_and_stretch_exercises():
         ("ch07.permute_for_half_rope", reference_permute_for_half_rope),
     ],
 )
-def test_correct_answers_pass(exercise_id, answer, capsys):
-    assert check(exercise_id, answer) is True
-    assert results()[-1].status == "passed"
-    assert "✓ passed" in capsys.readouterr().out
+def test_correct_answers_pass(exercise_id, answer, exercise):
+    exercise.passes(exercise_id, answer)
 
 
 @pytest.mark.parametrize(
@@ -197,23 +195,19 @@ def test_correct_answers_pass(exercise_id, answer, capsys):
         ("ch07.permute_for_half_rope", permute_columns, ["ROWS"]),
     ],
 )
-def test_typical_mistakes_fail_with_a_targeted_hint(exercise_id, answer, expected_in_message):
+def test_typical_mistakes_fail_with_a_targeted_hint(
+    exercise_id, answer, expected_in_message, exercise
+):
     with np.errstate(all="ignore"):
-        assert check(exercise_id, answer) is False
-    result = results()[-1]
-    assert result.status == "failed"
-    assert answer.__name__ in result.message and "Hint:" in result.message
-    for fragment in expected_in_message:
-        assert fragment in result.message
+        exercise.fails(exercise_id, answer, answer.__name__, "Hint:", *expected_in_message)
 
 
 @pytest.mark.parametrize(
     "exercise_id",
     ["ch07.cosine_similarity", "ch07.attention_decode_step", "ch07.permute_for_half_rope"],
 )
-def test_stub_is_not_attempted(exercise_id):
-    assert check(exercise_id, stub) is False
-    assert results()[-1].status == "not_attempted"
+def test_stub_is_not_attempted(exercise_id, exercise):
+    exercise.not_attempted(exercise_id, stub)
 
 
 def test_wrong_shape_is_a_failure_not_a_crash():

@@ -124,10 +124,8 @@ def test_there_are_warm_up_core_and_stretch_exercises():
         ("ch08.compute_bound_batch", reference_compute_bound_batch),
     ],
 )
-def test_correct_answers_pass(exercise_id, answer, capsys):
-    assert check(exercise_id, answer) is True
-    assert results()[-1].status == "passed"
-    assert "✓ passed" in capsys.readouterr().out
+def test_correct_answers_pass(exercise_id, answer, exercise):
+    exercise.passes(exercise_id, answer)
 
 
 @pytest.mark.parametrize(
@@ -144,19 +142,15 @@ def test_correct_answers_pass(exercise_id, answer, capsys):
         ("ch08.compute_bound_batch", batch_no_half, ["divide by 2"]),
     ],
 )
-def test_typical_mistakes_fail_with_a_targeted_hint(exercise_id, answer, expected_in_message):
-    assert check(exercise_id, answer) is False
-    result = results()[-1]
-    assert result.status == "failed"
-    assert answer.__name__ in result.message and "Hint:" in result.message
-    for fragment in expected_in_message:
-        assert fragment in result.message
+def test_typical_mistakes_fail_with_a_targeted_hint(
+    exercise_id, answer, expected_in_message, exercise
+):
+    exercise.fails(exercise_id, answer, answer.__name__, "Hint:", *expected_in_message)
 
 
 @pytest.mark.parametrize("exercise_id", IDS)
-def test_stub_is_not_attempted(exercise_id):
-    assert check(exercise_id, stub) is False
-    assert results()[-1].status == "not_attempted"
+def test_stub_is_not_attempted(exercise_id, exercise):
+    exercise.not_attempted(exercise_id, stub)
 
 
 def test_non_numbers_are_a_failure_not_a_crash():

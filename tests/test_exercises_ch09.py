@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tinylm.costs import ModelShape, estimate
 from tinylm.distributed import valid_tp
-from tinylm.exercises import check, list_exercises, results
+from tinylm.exercises import list_exercises
 from tinylm.exercises.ch09 import reference_allreduce_bytes, reference_survivor_world
 from tinylm.hardware import this_machine
 from tinylm.model import GPTConfig
@@ -87,9 +87,8 @@ def test_chapter_has_three_levels():
         ("ch09.survivor_world", survivor_world),
     ],
 )
-def test_correct_answers_pass(exercise_id, answer, capsys):
-    assert check(exercise_id, answer) is True
-    assert results()[-1].status == "passed"
+def test_correct_answers_pass(exercise_id, answer, exercise):
+    exercise.passes(exercise_id, answer)
 
 
 @pytest.mark.parametrize(
@@ -100,16 +99,12 @@ def test_correct_answers_pass(exercise_id, answer, capsys):
         ("ch09.survivor_world", survivor_world_minus_one, "divides all three"),
     ],
 )
-def test_typical_mistakes_fail_with_a_hint(exercise_id, answer, hint, capsys):
-    assert check(exercise_id, answer) is False
-    result = results()[-1]
-    assert result.status == "failed"
-    assert hint in capsys.readouterr().out
+def test_typical_mistakes_fail_with_a_hint(exercise_id, answer, hint, exercise):
+    exercise.fails(exercise_id, answer, "Hint:", hint)
 
 
 @pytest.mark.parametrize(
     "exercise_id", ["ch09.allreduce_bytes", "ch09.shard_mlp", "ch09.survivor_world"]
 )
-def test_stubs_are_not_attempted(exercise_id):
-    assert check(exercise_id, stub) is False
-    assert results()[-1].status == "not_attempted"
+def test_stubs_are_not_attempted(exercise_id, exercise):
+    exercise.not_attempted(exercise_id, stub)

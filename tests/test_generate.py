@@ -29,19 +29,7 @@ MLP = {"dense": dict(mlp="dense"), "moe": dict(mlp="moe", n_experts=4, experts_p
 PROMPTS = [[5, 17, 3, 42, 8, 1, 30], [9], [12, 40, 2, 7]]  # different lengths: left padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module on one CPU thread, then restore the setting.
-
-    The models are tiny, so a second thread buys nothing, and on a busy 2-core machine an
-    op that opens an OpenMP region waits for a descheduled thread: in torch 2.13 index_add_
-    into a few rows (the MoE scatter at small batch) then took ~100 ms instead of microseconds,
-    which made this file 5x slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(attention: str = "mha", mlp: str = "dense", seed: int = 0, sharp: bool = True) -> GPT:

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from tinylm.model import (
     GPT,
     GPTConfig,
@@ -15,8 +17,7 @@ from tinylm.model import (
     flops_per_token,
     kv_cache_bytes_per_token,
 )
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from tinylm.profile import flop_counter
 
 VOCAB = 61
 VARIANTS = {
@@ -430,11 +431,9 @@ def test_active_parameters_are_those_one_token_uses(kwargs):
 
 
 def count_flops(fn) -> int:
-    # torch 2.x has no FLOP formula for the fused CPU attention kernel (it would count 0):
-    # register the standard one, 2*(QK^T + PV) over the full T x S square.
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    mapping = {cpu_sdpa: lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v)}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    # torch 2.x has no FLOP formula for the fused CPU attention kernel (it would count 0);
+    # tinylm.profile.flop_counter registers the standard one (its single home).
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops()
 

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tinylm.moe import MoE
 
 C, E, K, H = 16, 8, 2, 12  # n_embd, n_experts, experts_per_token, expert_hidden

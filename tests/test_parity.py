@@ -29,15 +29,7 @@ from tinylm.quant_model import quantize_model
 CONFIG = dict(vocab_size=97, context_length=64, n_layer=3, n_head=4, n_embd=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors gain nothing from torch's thread pool, and on an oversubscribed CPU a
-    parallel op can stall for a scheduler slice: index_add_ (MoE dispatch) took ~90 ms per
-    call with 2 threads vs ~0.01 ms with 1 here. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(spread: float | None = None) -> GPT:

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from tiny_models import TINY, make_model, torch_logits
 
 from tinylm import checkpoint
 from tinylm.generate import generate
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPT
 from tinylm.port.numpy_runtime import NumpyLM, activation_names
 from tinylm.quant_model import quantize_model, save_quantized
 from tinylm.tokenizer import BPETokenizer
 
-TINY = dict(vocab_size=97, context_length=48, n_layer=2, n_head=4, n_embd=32)
 VARIANTS = {
     "mha": TINY,
     "gqa": {**TINY, "attention": "gqa", "n_kv_head": 2},
@@ -29,25 +28,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors gain nothing from torch's thread pool, and on an oversubscribed CPU a
-    parallel op can stall for a scheduler slice: index_add_ (MoE dispatch) took ~90 ms per
-    call with 2 threads vs ~0.01 ms with 1 here. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_model(config: dict, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**config)).eval()
-
-
-def torch_logits(model: GPT, ids: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.as_tensor(ids)).numpy()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

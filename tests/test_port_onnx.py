@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
+from tiny_models import TINY, make_model, torch_logits
 
 from tinylm.generate import generate
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPT
 from tinylm.port.numpy_runtime import activation_names
 from tinylm.port.onnx import METADATA_KEY, OnnxLM, export_onnx
 
-TINY = dict(vocab_size=97, context_length=48, n_layer=2, n_head=4, n_embd=32)
 # Exported with the legacy TorchScript exporter (dynamo=False), which takes well under a
 # second; the default dynamo exporter (~10 s, two symbolic traces) is exercised once, on the
 # one-layer "mha" model below.
@@ -28,25 +27,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors gain nothing from torch's thread pool, and on an oversubscribed CPU a
-    parallel op can stall for a scheduler slice: index_add_ (MoE dispatch) took ~90 ms per
-    call with 2 threads vs ~0.01 ms with 1 here. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_model(config: dict, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**config)).eval()
-
-
-def torch_logits(model: GPT, ids: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.as_tensor(ids)).numpy()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+
 from tinylm.stories import (
     BOY,
     GIRL,

@@ -12,6 +12,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tinylm import tokenizer as tokenizer_module
 from tinylm.tokenizer import EOT, PATTERNS, BPETokenizer
 
