@@ -99,6 +99,37 @@ def test_time_fn_rejects_bad_counts(kw):
         prof.time_fn(lambda: None, device="cpu", **kw)
 
 
+def test_median_seconds_takes_turns_and_returns_one_median_per_function(monkeypatch):
+    order = []
+    fns = [lambda name=name: order.append(name) for name in "abc"]
+    clock = iter(range(1000))  # every clock read advances by 1 s ...
+    monkeypatch.setattr(prof.time, "perf_counter", lambda: float(next(clock)))
+    medians = prof.median_seconds(*fns, repeats=4, warmup=2, device="cpu")
+    assert order == list("abc") * 6  # warm-up rounds then timed rounds, always in turn
+    assert medians == [1.0, 1.0, 1.0]  # ... so each timed call lasted exactly 1 s
+
+
+def test_median_seconds_ignores_a_spoiled_round(monkeypatch):
+    durations = iter([1, 2, 1, 2, 50, 60, 1, 2])  # round 3 was hit by a busy neighbour
+    now = [0.0]
+
+    def perf_counter():
+        return now[0]
+
+    def call():
+        now[0] += next(durations)
+
+    monkeypatch.setattr(prof.time, "perf_counter", perf_counter)
+    assert prof.median_seconds(call, call, repeats=4, warmup=0, device="cpu") == [1.0, 2.0]
+
+
+def test_median_seconds_needs_functions_and_valid_counts():
+    with pytest.raises(ValueError, match="at least one function"):
+        prof.median_seconds(device="cpu")
+    with pytest.raises(ValueError, match="integer"):
+        prof.median_seconds(lambda: None, repeats=0, device="cpu")
+
+
 # ----------------------------------------------------------------------------- time_generation
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "format_rows",
     "generation_points",
     "measure_roofline",
+    "median_seconds",
     "op_breakdown",
     "peak_memory",
     "plot_op_breakdown",
@@ -204,6 +205,41 @@ def time_fn(
         synchronize(dev)
         samples.append(time.perf_counter() - start)
     return Timing(tuple(samples))
+
+
+def median_seconds(
+    *fns: Callable[[], Any],
+    repeats: int = 11,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+) -> list[float]:
+    """Median seconds per call of each of `fns`, timed taking turns; one float per fn.
+
+    Comparing variants (fp32 vs int8, ONNX vs NumPy, ...) by ratios is only fair if a busy
+    moment of the machine hits all of them alike, so each round calls every fn once, in
+    order, and the medians ignore the rounds a neighbour spoiled. `warmup` untimed rounds
+    come first; the device is synchronized around every call (see `time_fn`). A fn that
+    consumes state (a KV cache) must reset it itself, e.g. by rewinding `cache.pos`.
+    """
+    if not fns:
+        raise ValueError(
+            "median_seconds needs at least one function to time, e.g. median_seconds(f, g)"
+        )
+    _positive_int("repeats", repeats)
+    _positive_int("warmup", warmup, minimum=0)
+    dev = pick_device(device)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times, strict=True):
+            synchronize(dev)
+            start = time.perf_counter()
+            fn()
+            synchronize(dev)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 # ----------------------------------------------------------------------------- runtimes
