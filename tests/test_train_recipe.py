@@ -51,6 +51,28 @@ def test_train_recipe_calls_back_every_step_and_saves_what_load_or_train_reuses(
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
+def test_load_or_train_retrains_when_the_recipe_changes_but_not_its_description(
+    tiny_recipe, monkeypatch, capsys
+):
+    import dataclasses
+
+    T.train_recipe("unit-test", device="cpu", progress=False)
+    trained = []
+    real_train = T.train
+    monkeypatch.setattr(T, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+
+    reworded = dataclasses.replace(tiny_recipe, description="reworded prose")
+    monkeypatch.setitem(T.RECIPES, "unit-test", reworded)
+    T.load_or_train("unit-test", device="cpu", progress=False)
+    assert trained == []  # prose only: the checkpoint is reused
+
+    longer = dataclasses.replace(reworded, train=dataclasses.replace(reworded.train, steps=5))
+    monkeypatch.setitem(T.RECIPES, "unit-test", longer)
+    meta = T.load_or_train("unit-test", device="cpu", progress=False)[2]
+    assert trained == [1] and meta["recipe"]["train"]["steps"] == 5
+    assert "the recipe changed" in capsys.readouterr().out
+
+
 def test_train_recipe_is_deterministic(tiny_recipe):
     a = T.train_recipe("unit-test", device="cpu", progress=False)[0]
     b = T.train_recipe("unit-test", device="cpu", progress=False)[0]
