@@ -2,10 +2,10 @@
 
 Run by hand (not collected by pytest):
 
-    .venv/bin/python tests/benchmarks/bench_quant.py [--train] [--eval-batches 24] [--repeats 5]
+    .venv/bin/python tests/benchmarks/bench_quant.py [--train] [--eval-batches 24] [--repeats 5] [--threads 1]
 
 Model: the "default" recipe's checkpoint (tinylm.train.load_or_train). If there is none,
---train trains it now (about 90 s on 2 free cores); without --train a *random* default-size
+--train trains it now (2-2.5 minutes on 2 free cores); without --train a *random* default-size
 model is used and the quality figures are meaningless (the script says so).
 
 Prints, per scheme: model bytes, validation bits per byte (same seeded windows for every
