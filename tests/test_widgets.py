@@ -43,6 +43,42 @@ def test_bad_controls_are_rejected_with_a_fix():
         interactive_panel(lambda: None)
 
 
+def test_renders_run_one_at_a_time_with_interactive_mode_off():
+    """JupyterLab handles widget messages in a kernel subshell (a thread): renders must not
+    overlap, and matplotlib's post_execute hooks must not see a figure being drawn."""
+    import threading
+    import time
+
+    import matplotlib
+
+    running, overlaps, interactive_seen = [0], [0], []
+
+    def render(n):
+        running[0] += 1
+        overlaps[0] = max(overlaps[0], running[0])
+        interactive_seen.append(matplotlib.is_interactive())
+        time.sleep(0.02)
+        running[0] -= 1
+
+    was = matplotlib.is_interactive()
+    matplotlib.interactive(True)
+    try:
+        panel = interactive_panel(render, n=widgets.IntSlider(value=0, max=100))
+        threads = [
+            threading.Thread(target=setattr, args=(panel.controls["n"], "value", v))
+            for v in range(1, 9)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert matplotlib.is_interactive()  # restored after every render
+    finally:
+        matplotlib.interactive(was)
+    assert overlaps[0] == 1
+    assert len(interactive_seen) == 9 and not any(interactive_seen)
+
+
 @pytest.mark.slow
 def test_headless_run_keeps_the_default_rendering_as_cell_outputs(tmp_path, monkeypatch):
     """Executed by nbclient (as nbval and nbconvert do), the plot and text must be ordinary

@@ -20,18 +20,31 @@ fallback lists their current values, so a reader without widgets still sees the 
 
 ``render`` may print text and draw matplotlib figures; figures it leaves open are shown and
 closed for it (text first, then figures, in the static rendering).
+
+Renders run one at a time and with matplotlib's interactive mode off. JupyterLab 4.4+ with
+ipykernel 7 handles widget messages in a kernel *subshell*, a thread of its own, and every
+widget message ends with IPython's ``post_execute`` hooks, which with the inline backend draw
+and display every open figure queued for display. Without these two guards such a hook could
+draw the figure a render is still drawing in another thread (matplotlib is not thread-safe):
+the learner's first slider move then showed a blank or half-drawn plot.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import ipywidgets as widgets
 
 __all__ = ["Panel", "interactive_panel"]
+
+# One render at a time, across panels and threads (see the module docstring). Re-entrant:
+# an observer may change another control, and so start a render, from inside a render.
+_RENDER_LOCK = threading.RLock()
 
 
 def _kernel_shell() -> Any:
@@ -52,6 +65,25 @@ def _open_figures() -> set[int]:
     # Only look at pyplot if the render function (or the notebook) imported it.
     pyplot = sys.modules.get("matplotlib.pyplot")
     return set(pyplot.get_fignums()) if pyplot is not None else set()
+
+
+@contextmanager
+def _figures_kept_from_hooks() -> Iterator[None]:
+    """Turn matplotlib's interactive mode off while a render draws (restored afterwards).
+
+    Figures made while it is off are not queued for the inline backend's ``post_execute``
+    hooks, so a hook run in another thread leaves them alone; the render shows them itself.
+    """
+    matplotlib = sys.modules.get("matplotlib")
+    if matplotlib is None:  # the render may still import it; nothing to guard before that
+        yield
+        return
+    was_interactive = matplotlib.is_interactive()
+    matplotlib.interactive(False)
+    try:
+        yield
+    finally:
+        matplotlib.interactive(was_interactive)
 
 
 def _show_new_figures(before: set[int]) -> None:
@@ -112,10 +144,11 @@ class Panel:
         return {name: control.value for name, control in self.controls.items()}
 
     def _render(self) -> None:
-        before = _open_figures()
-        self.render_count += 1
-        self.render(**self.values)
-        _show_new_figures(before)
+        with _RENDER_LOCK, _figures_kept_from_hooks():
+            before = _open_figures()
+            self.render_count += 1
+            self.render(**self.values)
+            _show_new_figures(before)
 
     def show(self) -> None:
         """Display the controls and render the current values as ordinary cell outputs."""
@@ -150,6 +183,10 @@ class Panel:
 
     def _on_change(self, change: Mapping[str, Any]) -> None:
         """Re-render into the Output widget (live kernel) after blanking the static outputs."""
+        with _RENDER_LOCK:
+            self._rerender()
+
+    def _rerender(self) -> None:
         if self._static_ids:
             from IPython.display import update_display
 
