@@ -256,6 +256,15 @@ def test_dependency_warnings_find_unguarded_uses_only():
     assert warnings[1].startswith("cell 6 uses y (only defined when the check in cell 4 passes)")
 
 
+@pytest.mark.parametrize(
+    "notebook", sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem[:2]
+)
+def test_every_chapter_student_edition_runs_past_unsolved_exercises(notebook):
+    # the main path must never need a learner's solution (exercises are side quests)
+    warnings = find_solution_dependencies(nbformat.read(notebook, as_version=4))
+    assert warnings == [], "\n".join(warnings)
+
+
 # =========================================================================== checks
 
 
