@@ -85,3 +85,21 @@ class ExerciseAsserts:
 def exercise(capsys) -> ExerciseAsserts:
     """Exercise-check assertions: ``.passes(id, f)``, ``.fails(id, f, *hints)``, ``.not_attempted``."""
     return ExerciseAsserts(capsys)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, monkeypatch):
+    """A seconds-long recipe registered as RECIPES["unit-test"], data under tmp_path."""
+    from tinylm import train as T
+    from tinylm.train import TrainConfig
+
+    monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path))
+    recipe = T.Recipe(
+        description="test",
+        model=dict(context_length=16, n_layer=1, n_head=2, n_embd=16),
+        train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1),
+        corpus_kwargs={"n_stories": 20},
+        vocab_size=280,
+    )
+    monkeypatch.setitem(T.RECIPES, "unit-test", recipe)
+    return recipe

@@ -135,17 +135,6 @@ def q4_0_big_endian(block):
     return (torch.cat((qs & 0x0F, qs >> 4)).float() - 8) * d
 
 
-def gptq_row(w, H, scale):
-    w, h_inv = w.clone(), torch.linalg.inv(H)
-    q = torch.zeros_like(w)
-    for i in range(len(w)):
-        q[i] = torch.clamp(torch.round(w[i] / scale), -7, 7) * scale
-        err = (w[i] - q[i]) / h_inv[i, i]
-        w[i + 1 :] -= err * h_inv[i, i + 1 :]
-        h_inv = h_inv - torch.outer(h_inv[:, i], h_inv[i, :]) / h_inv[i, i]
-    return q
-
-
 def gptq_rtn(w, H, scale):
     return torch.clamp(torch.round(w / scale), -7, 7) * scale
 
@@ -264,7 +253,6 @@ def test_there_are_warm_up_core_and_stretch_exercises():
         ("ch06.int4_group_quantize", reference_quantize_int4_groups),
         ("ch06.dequantize_q4_0_block", q4_0_block),
         ("ch06.dequantize_q4_0_block", reference_dequantize_q4_0_block),
-        ("ch06.gptq_row", gptq_row),
         ("ch06.gptq_row", reference_gptq_row),
     ],
 )

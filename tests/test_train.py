@@ -374,16 +374,8 @@ def test_live_plot_collects_records_and_draws_headless():
 # --------------------------------------------------------------------------- recipes
 
 
-def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path))
-    recipe = T.Recipe(
-        description="test",
-        model=dict(context_length=16, n_layer=1, n_head=2, n_embd=16),
-        train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1),
-        corpus_kwargs={"n_stories": 20},
-        vocab_size=280,
-    )
-    monkeypatch.setitem(T.RECIPES, "unit-test", recipe)
+def test_load_or_train_trains_once_then_loads(tiny_recipe, tmp_path, monkeypatch):
+    recipe = tiny_recipe
     model, tokenizer, meta = T.load_or_train("unit-test", device="cpu", progress=False)
     assert (tmp_path / "checkpoints" / "unit-test" / "manifest.json").is_file()
     assert meta["recipe"] == recipe.to_dict()

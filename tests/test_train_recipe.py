@@ -6,21 +6,6 @@ import pytest
 import torch
 
 from tinylm import train as T
-from tinylm.train import TrainConfig
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path))
-    recipe = T.Recipe(
-        description="test",
-        model=dict(context_length=16, n_layer=1, n_head=2, n_embd=16),
-        train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1),
-        corpus_kwargs={"n_stories": 20},
-        vocab_size=280,
-    )
-    monkeypatch.setitem(T.RECIPES, "unit-test", recipe)
-    return recipe
 
 
 def test_recipe_data_uses_the_recipes_corpus_and_vocabulary(tiny_recipe):
