@@ -300,12 +300,14 @@ def check_memory(nbytes: int, what: str) -> None:
         )
 
 
-def _resolve_folder(
+def hf_folder(
     name_or_folder: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None,
     endpoint: str | None,
 ) -> Path:
-    """A local folder as it is; a hub id ("owner/name") from the HF cache or downloaded."""
+    """The local folder of a model: a folder as it is; a hub id ("owner/name") from the HF
+    cache, else downloaded with huggingface_hub (config, safetensors and tokenizer files only).
+    """
     folder = Path(name_or_folder).expanduser()
     if folder.is_dir():
         return folder
@@ -498,7 +500,7 @@ def load_hf(
         tables and default KV caches; also makes a Mistral sliding window moot).
     The tokenizer is None when the folder has no tokenizer.json. The model is in eval mode.
     """
-    folder = _resolve_folder(name_or_folder, cache_dir, endpoint)
+    folder = hf_folder(name_or_folder, cache_dir, endpoint)
     config_path = folder / CONFIG
     if not config_path.exists():
         raise HFImportError(
