@@ -335,6 +335,29 @@ def kv_cache_bytes_per_token(shape: ModelShape, kv_bits: int = 16) -> int:
     return math.ceil(shape.kv_elements_per_token * kv_bits / 8)
 
 
+def decode_attention_per_cached_token(
+    shape: ModelShape, kv_bits: int = 16, absorbed: bool = True
+) -> tuple[float, float]:
+    """(FLOPs, bytes) one decode step spends per cached token on attention, all layers and heads.
+
+    The bytes are the cache entry read back (kv_cache_bytes_per_token). The FLOPs are the
+    scores and the weighted sum: per head 2 * (qk + v) for MHA/GQA/MQA. For MLA in the
+    absorbed form DeepSeek serves with, every head scores against the cached latent + RoPE key
+    and sums cached latents: 2 * ((r + Dr) + r) per head, and all n_head heads read the *same*
+    576 numbers, so MLA does far more arithmetic per cached byte than MHA. DeepSeek-V3 in bf16:
+    2 * 61 * 128 * 1088 = 17.0 MFLOP per 70,272 B = 242 FLOP/B, above the H20's ridge point
+    (37) and the 910B's: compute-bound there. absorbed=False gives MLA's plain form (keys and
+    values expanded per head, 2 * (qk + v) per head), the cost of re-expanding the cache.
+    """
+    qk, v = shape.attention_dims
+    if shape.attention == "mla" and absorbed:
+        per_head = 2 * ((shape.kv_lora_rank + shape.rope_head_dim) + shape.kv_lora_rank)
+    else:
+        per_head = 2 * (qk + v)
+    flops = float(shape.n_layer * shape.n_head * per_head)
+    return flops, float(kv_cache_bytes_per_token(shape, kv_bits))
+
+
 def expected_experts_touched(n_experts: int, experts_per_token: int, tokens: float) -> float:
     """Expected number of distinct routed experts that `tokens` tokens use in one layer.
 
