@@ -21,8 +21,9 @@ What is left out (all second order for the questions the workbook asks): norms, 
 softmax and activation functions (O(d_model) per token); FlashAttention's re-reads of K/V
 during prefill (they mostly hit on-chip memory); quantisation scales; framework overheads,
 kernel launch time and scheduling; replicated small tensors under tensor parallelism (norms,
-K/V projections when tp > n_kv_head, MLA's shared down-projection); expert and pipeline
-parallelism. Efficiencies (`compute_efficiency`, `memory_efficiency`) scale the peaks when
+K/V projections when tp > n_kv_head, MLA's shared down-projection); pipeline parallelism.
+Expert parallelism (how DeepSeek serves V3) is modelled in tinylm.serving; turning seconds into
+dollars, break-even prices and frontiers is tinylm.economics. Efficiencies (`compute_efficiency`, `memory_efficiency`) scale the peaks when
 you want to model a real kernel; the defaults (1.0) give the roofline bound, the best a chip
 can possibly do.
 
