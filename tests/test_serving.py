@@ -84,6 +84,14 @@ def test_ep_decode_fits_and_frontier_ends_at_memory():
     assert not ep_decode_step(TOY, tiny, 9, 10, 2, network_gbps=1).fits
     points = ep_frontier(TOY, tiny, 1.0, 1.0, context=10, ep=2, network_gbps=1)
     assert [p.batch for p in points] == [1, 2, 4, 8]
+    # batch 1: compute 2 * 248 / 2e3 + 24 * 10 / 1e3 = 0.488 s; memory (214 + 2 experts * 24 *
+    # (1 - (1/2)^2) + KV 80) / 1e3 = 0.33 s; network 12 B / 1e9: compute-bound at 0.488 s
+    first = points[0]
+    assert first.bound == "compute"
+    assert first.tokens_per_s_per_user == first.tokens_per_s_per_chip == pytest.approx(1 / 0.488)
+    # 1 USD/h: 1 / 3600 * 0.488 * 1e6 USD per million tokens; 1 W: tokens/s * 1e6 per MW
+    assert first.usd_per_million_output == pytest.approx(0.488 / 3600 * 1e6)
+    assert first.tokens_per_s_per_mw == pytest.approx(1e6 / 0.488)
 
 
 def test_ep_prefill_by_hand():
