@@ -265,7 +265,7 @@ def _runner(model: Any) -> _Runner:
     """Adapt a model to prefill/decode. Raises TypeError naming what a runtime must offer.
 
     A torch `tinylm.model.GPT` (or anything with its interface: `.config`, `new_cache`,
-    `forward(ids, cache=)`, e.g. a quantised model from tinylm.quant_model) runs through
+    `forward(ids, cache=)`, e.g. a quantised model from tinylm.quant.model) runs through
     `tinylm.generate.prefill` / `decode_step`, exactly what `generate` runs. A port (NumPy,
     ONNX Runtime: tinylm.port.numpy_runtime.CachedLM) runs through its own
     `new_cache(batch, max_len)` and `forward(ids [B, T] int64 array, cache=)` -> logits
@@ -584,7 +584,7 @@ def plot_op_breakdown(
     """Horizontal bars of each operator's share (largest on top); returns the figure."""
     import matplotlib.pyplot as plt
 
-    from tinylm.plots import PALETTE
+    from tinylm.course.plots import PALETTE
 
     rows = sorted(rows, key=lambda r: -r.share)
     if len(rows) > top:
@@ -1021,7 +1021,7 @@ def plot_roofline(
     """
     import matplotlib.pyplot as plt
 
-    from tinylm.plots import PALETTE, si
+    from tinylm.course.plots import PALETTE, si
 
     if ax is None:
         _, ax = plt.subplots()

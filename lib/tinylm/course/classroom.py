@@ -648,7 +648,7 @@ def run_submission(
             TMPDIR=str(work / "tmp"),
             PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         )
-        command = [sys.executable, "-m", "tinylm.classroom", "_execute", notebook.name]
+        command = [sys.executable, "-m", "tinylm.course.classroom", "_execute", notebook.name]
         command += [result_file.name, str(timeout)]
         start = time.perf_counter()
         with (work / "runner.log").open("wb") as runner_log:
@@ -746,7 +746,7 @@ def grade_rows(submission: Submission, outcome: RunOutcome) -> list[GradeRow]:
     that the notebook ended without checking them. Checks of other chapters' exercises
     found in the grade file are listed too.
     """
-    from tinylm.exercises import list_exercises
+    from tinylm.course.exercises import list_exercises
 
     latest: dict[str, dict[str, Any]] = {}
     for entry in outcome.grade_lines:

@@ -332,7 +332,7 @@ class WeightReader:
         return arr
 
     def quantizable(self, name: str) -> bool:
-        """The layers tinylm.quant_model.quantize_model replaces: every projection inside the
+        """The layers tinylm.quant.model.quantize_model replaces: every projection inside the
         blocks except MoE routers (a flipped top-k choice costs far more than the rounding),
         plus the output head only if include_head."""
         if name == "lm_head":
@@ -754,9 +754,9 @@ class NumpyLM(CachedLM):
 
     Int8 weights, two ways, both in tinylm.quant's per-channel symmetric format:
     quantize="int8" quantises a float checkpoint at load, choosing the same layers as
-    tinylm.quant_model.quantize_model (every projection in the blocks but the MoE routers;
+    tinylm.quant.model.quantize_model (every projection in the blocks but the MoE routers;
     the output head only with include_head=True; the token embedding never: it is a lookup);
-    or load a checkpoint written by tinylm.quant_model.save_quantized (`quant_layers` = the
+    or load a checkpoint written by tinylm.quant.model.save_quantized (`quant_layers` = the
     layer specs from its meta.json), whose int8 layers are used as stored and other formats
     (int4, groups) dequantised at load.
 
@@ -834,7 +834,7 @@ class NumpyLM(CachedLM):
         """Load a checkpoint folder written by tinylm.checkpoint.save (no torch needed).
 
         Reads config.json, model.safetensors, meta.json (a "quantization" entry written by
-        tinylm.quant_model.save_quantized) and, if present, tokenizer.json (into `.tokenizer`,
+        tinylm.quant.model.save_quantized) and, if present, tokenizer.json (into `.tokenizer`,
         a pure-Python tinylm.tokenizer.BPETokenizer). verify first checks the files against
         manifest.json. quantize / include_head: see the class docstring.
         """
@@ -866,7 +866,7 @@ class NumpyLM(CachedLM):
     def from_model(
         cls, model: Any, quantize: str | None = None, include_head: bool = False
     ) -> NumpyLM:
-        """Build from an in-memory tinylm GPT, float or quantised (tinylm.quant_model).
+        """Build from an in-memory tinylm GPT, float or quantised (tinylm.quant.model).
 
         Duck-typed on `model.config.to_dict()`, `model.state_dict()` and the `spec()` of
         quantised layers, so this module still never imports torch. A convenience for

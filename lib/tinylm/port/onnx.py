@@ -28,7 +28,7 @@ it captures the graph with torch.export (symbolic shapes, so the dynamic axes ar
 rather than traced constants), translates it with onnxscript (opset 20) and is the only one
 maintained. The TorchScript exporter (dynamo=False, opset 17) warns that it will be removed,
 but exports ~10-30x faster (two symbolic traces vs one plain trace), so tests use it for
-their extra variants. Quantised models (tinylm.quant_model) export and match as well, but
+their extra variants. Quantised models (tinylm.quant.model) export and match as well, but
 the exporters constant-fold (most of) the dequantisation back into float32 weights, so the
 file is no smaller: a truly int8 ONNX model needs DequantizeLinear / MatMulInteger nodes
 (e.g. from onnxruntime.quantization), which this module does not write.

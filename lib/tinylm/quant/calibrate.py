@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinylm.quant import (
+from tinylm.quant.rtn import (
     QuantizedTensor,
     QuantLinear,
     check_format,
@@ -209,7 +209,7 @@ def gptq_quantize_model(
 ) -> nn.Module:
     """Replace `targets` (name -> Linear of `model`) by GPTQ QuantLinears, block by block, in place.
 
-    `scheme` is a tinylm.quant_model.QuantScheme. A layer that saw no calibration token (an
+    `scheme` is a tinylm.quant.model.QuantScheme. A layer that saw no calibration token (an
     MoE expert the router never picked) falls back to round to nearest.
     """
     ctx = model.config.context_length

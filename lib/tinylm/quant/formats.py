@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tinylm.quant import QuantizedTensor, unpack_int4
+from tinylm.quant.rtn import QuantizedTensor, unpack_int4
 
 
 def _fp16_bytes(d: Tensor) -> Tensor:

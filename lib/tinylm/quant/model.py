@@ -5,8 +5,8 @@
     save_quantized("out/q4", qmodel, tokenizer); load_quantized("out/q4")
     set_kv_cache(qmodel, "int8")                           # model.new_cache -> Int8KVCache
 
-The tensor-level pieces (formats, packing, QuantLinear) live in `tinylm.quant`; GPTQ in
-`tinylm.quant_calibrate`.
+The tensor-level pieces (formats, packing, QuantLinear) live in `tinylm.quant.rtn`; GPTQ in
+`tinylm.quant.calibrate`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tinylm.attention import KVCache
-from tinylm.quant import QuantLinear, check_format, compute_scale_zero, quantize_codes
+from tinylm.quant.rtn import QuantLinear, check_format, compute_scale_zero, quantize_codes
 
 # ----------------------------------------------------------------------------- whole models
 
@@ -115,19 +115,19 @@ def quantize_model(
     """Return a quantised deep copy of `model` (the original is untouched), in eval mode.
 
     scheme: a name from SCHEMES or a QuantScheme. calibration: token windows [n, T]
-    (see quant_calibrate.calibration_windows), needed by GPTQ schemes. compute: "dequant" or
-    "int8" (see QuantLinear). gptq_kw go to quant_calibrate.gptq_quantize_model.
+    (see quant.calibrate.calibration_windows), needed by GPTQ schemes. compute: "dequant" or
+    "int8" (see QuantLinear). gptq_kw go to quant.calibrate.gptq_quantize_model.
     """
     sch = get_scheme(scheme)
     qmodel = copy.deepcopy(model).eval()
     targets = quantizable_linears(qmodel, include_head)
     if sch.method == "gptq":
-        from tinylm.quant_calibrate import gptq_quantize_model
+        from tinylm.quant.calibrate import gptq_quantize_model
 
         if calibration is None:
             raise ValueError(
                 "GPTQ needs calibration data: pass calibration=calibration_windows(tokens) "
-                "(tinylm.quant_calibrate), or use an RTN scheme."
+                "(tinylm.quant.calibrate), or use an RTN scheme."
             )
         gptq_quantize_model(qmodel, targets, sch, calibration, **gptq_kw)
     else:

@@ -19,9 +19,9 @@ s/2 bound holds exactly. Groups run along the input dimension; if it is not a mu
 group size, the last group of each row is padded with zeros (stored: real bytes).
 
 The rest of the quantisation chapter's code:
-    tinylm.quant_model      schemes, quantize_model, model_nbytes, save/load, the int8 KV cache
-    tinylm.quant_calibrate  calibration windows and GPTQ (beats round-to-nearest at 4 bits)
-    tinylm.quant_formats    llama.cpp's Q8_0 / Q4_0 blocks, to relate our layout to GGUF files
+    tinylm.quant.model      schemes, quantize_model, model_nbytes, save/load, the int8 KV cache
+    tinylm.quant.calibrate  calibration windows and GPTQ (beats round-to-nearest at 4 bits)
+    tinylm.quant.formats    llama.cpp's Q8_0 / Q4_0 blocks, to relate our layout to GGUF files
 """
 
 from __future__ import annotations

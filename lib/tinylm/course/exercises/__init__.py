@@ -26,14 +26,14 @@ result. In-memory results of this session are available from `results()`.
 
 Adding a chapter's checks (chapter authors)
 -------------------------------------------
-1. Create ``lib/tinylm/exercises/chNN.py``, where ``NN`` is the notebook's two-digit number.
+1. Create ``lib/tinylm/course/exercises/chNN.py``, where ``NN`` is the notebook's two-digit number.
    It is imported lazily the first time a ``chNN.*`` id is checked or listed.
 2. Register one check function per exercise with the `exercise` decorator. Ids are
    ``chNN.snake_case_name``; difficulty is ``"warm-up"``, ``"core"`` or ``"stretch"``. The
    check function receives the learner's answer and returns an optional short success
    message; it signals a wrong answer by raising `Fail` (or ``AssertionError``)::
 
-       from tinylm.exercises import Fail, call, check_cases, exercise, expect_close
+       from tinylm.course.exercises import Fail, call, check_cases, exercise, expect_close
 
        @exercise("ch03.cosine_lr", difficulty="core", title="Warm-up plus cosine decay")
        def _cosine_lr(answer):
@@ -59,7 +59,7 @@ Adding a chapter's checks (chapter authors)
 
 from __future__ import annotations
 
-from tinylm.exercises.core import (
+from tinylm.course.exercises.core import (
     DIFFICULTIES,
     Exercise,
     Fail,

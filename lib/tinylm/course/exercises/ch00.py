@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.exercises.core import check_cases, exercise
+from tinylm.course.exercises.core import check_cases, exercise
 
 
 def _ratio(got: Any, expected: Any) -> float:

@@ -15,7 +15,7 @@ from functools import cache
 from itertools import pairwise
 from typing import Any
 
-from tinylm.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
 
 # --------------------------------------------------------------------------- shared inputs
 

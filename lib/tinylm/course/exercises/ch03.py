@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
 
 # torch and tinylm.train are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
 
 # torch is imported inside the functions: listing the exercises of all chapters should not
 # pay for importing it.
@@ -307,7 +307,7 @@ def _q4_0_hint(got: Any, expected: Any, args: Any) -> str:
 def _check_dequantize_q4_0_block(answer: Any) -> str:
     import torch
 
-    from tinylm.quant_formats import dequantize_q4_0, quantize_q4_0
+    from tinylm.quant.formats import dequantize_q4_0, quantize_q4_0
 
     g = torch.Generator().manual_seed(40)
     w = torch.randn(4, 32, generator=g) * torch.tensor([[0.02], [1.0], [300.0], [0.001]])
@@ -337,7 +337,7 @@ def reference_gptq_row(w: Any, H: Any, scale: float) -> Any:
 
     In order i = 0, 1, ...: q_i = clamp(round(w_i / s)) * s; the error (w_i - q_i) / [H^-1]_ii
     times row i of H^-1 is subtracted from the later inputs; input i is then removed from H^-1.
-    Equal to tinylm.quant_calibrate.gptq_quantize (act_order=False, damp=0, per channel).
+    Equal to tinylm.quant.calibrate.gptq_quantize (act_order=False, damp=0, per channel).
     """
     import torch
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tinylm.exercises.core import Fail, call, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, exercise, expect_close
 
 # Only NumPy and the torch-free tinylm.port modules here: listing the exercises of all
 # chapters should not pay for importing torch.

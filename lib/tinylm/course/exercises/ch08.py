@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.exercises.core import Fail, call, check_cases, exercise
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise
 
 # Plain arithmetic only: listing the exercises should not pay for importing torch.
 

@@ -180,7 +180,7 @@ def _get(exercise_id: str) -> Exercise:
     if not _load_chapter(chapter):
         raise ValueError(
             f"there are no checks for chapter {chapter}: expected a module "
-            f"lib/tinylm/exercises/{chapter}.py; check the exercise id {exercise_id!r}"
+            f"lib/tinylm/course/exercises/{chapter}.py; check the exercise id {exercise_id!r}"
         )
     if exercise_id not in _REGISTRY:
         known = ", ".join(ex.id for ex in _REGISTRY.values() if ex.chapter == chapter)
