@@ -1,4 +1,4 @@
-"""Attention for tinylm: RoPE, the KV cache, MHA/GQA/MQA and multi-head latent attention.
+"""Attention for tinylm: the KV cache, MHA/GQA/MQA and multi-head latent attention.
 
 `tinylm.model` builds the network from these pieces; they live in their own file so that
 model.py stays readable in one sitting. Shapes: B batch, T new tokens, S = keys attended
@@ -8,45 +8,24 @@ model.py stays readable in one sitting. Shapes: B batch, T new tokens, S = keys 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from tinylm.model import GPTConfig
+from tinylm.config import GPTConfig
+from tinylm.layers import RMSNorm, apply_rope, rope_tables, rotate_half
 
-# ----------------------------------------------------------------------------- RoPE
-
-
-def rope_tables(dim: int, length: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """Return the RoPE cos and sin tables, each [length, dim] in float32 (Llama / HF layout).
-
-    Channel i and channel i + dim/2 form a pair rotated by angle pos * theta^(-2i/dim);
-    the frequencies are repeated ("half-split") so a table row lines up with `rotate_half`.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """Map the channel pairs (a, b) of the two halves of the last dim to (-b, a)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [..., T, dim] by the position angles in cos/sin [T, dim].
-
-    Because a query at position m and a key at position n are rotated by m and n, their dot
-    product depends only on m - n: shifting a whole sequence (e.g. by left padding) leaves
-    every attention score unchanged.
-    """
-    return x * cos + rotate_half(x) * sin
-
+# RoPE lives in tinylm.layers; rope_tables, apply_rope and rotate_half stay importable from here.
+__all__ = [
+    "CausalSelfAttention",
+    "KVCache",
+    "MultiHeadLatentAttention",
+    "apply_rope",
+    "attention_mask",
+    "rope_tables",
+    "rotate_half",
+]
 
 # ----------------------------------------------------------------------------- KV cache
 
@@ -204,8 +183,6 @@ class MultiHeadLatentAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        from tinylm.model import RMSNorm  # lazy: model.py imports this module
-
         C, H, D = config.n_embd, config.n_head, config.head_dim
         r, Dr, rq = config.kv_lora_rank, config.rope_head_dim, config.q_lora_rank
         self.n_head, self.head_dim, self.rope_head_dim, self.kv_lora_rank = H, D, Dr, r

@@ -51,14 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinylm.config import ATTENTION_KINDS, MLP_KINDS, kv_vectors_per_token
 from tinylm.hardware import Chip
 from tinylm.paths import REPO_ROOT
 
 #: The reference architectures shipped with the workbook.
 DEFAULT_MODELS_CSV = REPO_ROOT / "data" / "models.csv"
 
-ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
-MLP_KINDS = ("dense", "moe")
 #: Bit widths the cost model accepts for weights and for the KV cache.
 SUPPORTED_BITS = (4, 8, 16, 32)
 #: Activations (and the all-reduced hidden states) are kept in bf16: 2 bytes.
@@ -286,9 +285,8 @@ class ModelShape:
         MHA/GQA/MQA: a key and a value per K/V head, 2 * n_layer * n_kv_head * head_dim.
         MLA: the latent and the shared RoPE key, n_layer * (kv_lora_rank + rope_head_dim).
         """
-        if self.attention == "mla":
-            return self.n_layer * (self.kv_lora_rank + self.rope_head_dim)
-        return 2 * self.n_layer * self.n_kv_head * self.head_dim
+        vectors, width = kv_vectors_per_token(self)
+        return vectors * width
 
     @property
     def attention_dims(self) -> tuple[int, int]:

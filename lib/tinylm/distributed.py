@@ -53,7 +53,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinylm.attention import KVCache, apply_rope, attention_mask, rope_tables
+from tinylm.attention import KVCache, attention_mask
+from tinylm.layers import apply_rope, rope_tables
 from tinylm.model import GPT, GPTConfig
 
 #: Default time a worker may take for one forward before the coordinator calls it hung.

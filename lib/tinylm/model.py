@@ -1,21 +1,18 @@
-"""A small Llama-style GPT: config, layers, the model, and its analytic cost (params, FLOPs, KV).
+"""A small Llama-style GPT: the model, then its analytic cost (parameters, FLOPs, KV bytes).
 
 Token embedding -> n_layer pre-norm blocks (RMSNorm, attention with RoPE, SwiGLU MLP or a
 mixture of experts) -> final RMSNorm -> output head. No biases, no dropout. With the same
-weights it computes the same logits as Hugging Face's LlamaForCausalLM. The attention
-variants (MHA / GQA / MQA / MLA) and the KV cache live in `tinylm.attention`; the mixture of
-experts lives in `tinylm.moe`.
+weights it computes the same logits as Hugging Face's LlamaForCausalLM. The pieces live one
+level down: GPTConfig in `tinylm.config`, RMSNorm / SwiGLU / RoPE in `tinylm.layers`, the
+attention variants (MHA / GQA / MQA / MLA) and the KV cache in `tinylm.attention`, the
+mixture of experts in `tinylm.moe`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinylm.attention import (
@@ -25,225 +22,32 @@ from tinylm.attention import (
     attention_mask,
     rope_tables,
 )
+from tinylm.config import (
+    ATTENTION_KINDS,
+    MLP_KINDS,
+    MOE_BALANCE_KINDS,
+    GPTConfig,
+    kv_vectors_per_token,
+)
+from tinylm.layers import RMSNorm, SwiGLU
+from tinylm.moe import MoE
 
-ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
-MLP_KINDS = ("dense", "moe")
-MOE_BALANCE_KINDS = ("bias", "aux_loss", "none")
-
-
-def _round_to_multiple(x: float, multiple: int = 8) -> int:
-    """Round x to the nearest multiple (at least one multiple): friendlier matmul shapes."""
-    return max(multiple, multiple * round(x / multiple))
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"GPTConfig.{name} must be an integer >= {minimum}, got {value!r}; set it to one."
-        )
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"GPTConfig: unknown {name}={value!r}; choose one of {choices}.")
-
-
-@dataclass
-class GPTConfig:
-    """Hyperparameters of a GPT. Defaults give a ~1M-parameter model that trains on a CPU.
-
-    Fields left as None are resolved in __post_init__ (so to_dict() holds the real sizes),
-    but only for the kind in use: MLA sizes only for attention="mla", mlp_hidden only for
-    mlp="dense", expert sizes only for mlp="moe". Fields of a kind not in use are ignored.
-    """
-
-    vocab_size: int = 1024
-    context_length: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    # attention: "mha", "gqa" (n_kv_head K/V heads), "mqa" (one K/V head), "mla" (latent)
-    attention: str = "mha"
-    n_kv_head: int | None = None  # None -> n_head (mha, mla) or 1 (mqa); gqa must set it
-    kv_lora_rank: int | None = None  # MLA latent width; None -> n_embd // 2
-    q_lora_rank: int | None = None  # MLA query bottleneck; None = full-rank query
-    rope_head_dim: int | None = None  # MLA decoupled RoPE width; None -> ~head_dim // 2 (even)
-    # MLP: "dense" SwiGLU or "moe" (routed + shared SwiGLU experts, see tinylm.moe)
-    mlp: str = "dense"
-    mlp_hidden: int | None = None  # None -> 8/3 * n_embd rounded to a multiple of 8
-    n_experts: int = 8
-    n_shared_experts: int = 1
-    experts_per_token: int = 2
-    expert_hidden: int | None = None  # None -> dense hidden / (active experts per token)
-    moe_balance: str = "bias"  # "bias" (DeepSeek-V3, aux-loss-free), "aux_loss", "none"
-    moe_aux_loss_coef: float = 0.01
-    moe_bias_update_rate: float = 1e-3
-    # numerics
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
-            _check_int(name, getattr(self, name))
-        _check_choice("attention", self.attention, ATTENTION_KINDS)
-        _check_choice("mlp", self.mlp, MLP_KINDS)
-        _check_choice("moe_balance", self.moe_balance, MOE_BALANCE_KINDS)
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig: n_head={self.n_head} does not divide n_embd={self.n_embd} (each "
-                f"head gets n_embd // n_head channels); use n_head in {_divisors(self.n_embd)} "
-                "or change n_embd."
-            )
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a number > 0, got {value!r}.")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(
-                f"GPTConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}."
-            )
-        self._resolve_attention()
-        self._resolve_mlp()
-
-    def _resolve_attention(self) -> None:
-        H, D = self.n_head, self.head_dim
-        if self.attention == "mla":
-            if self.n_kv_head not in (None, H):
-                raise ValueError(
-                    f"GPTConfig: attention='mla' has one key/value per query head, so n_kv_head "
-                    f"must be None or n_head={H}, got {self.n_kv_head}; remove n_kv_head."
-                )
-            self.n_kv_head = H
-            if self.kv_lora_rank is None:
-                self.kv_lora_rank = max(1, self.n_embd // 2)
-            if self.rope_head_dim is None:
-                self.rope_head_dim = max(2, D // 4 * 2)
-            _check_int("kv_lora_rank", self.kv_lora_rank)
-            _check_int("rope_head_dim", self.rope_head_dim)
-            if self.q_lora_rank is not None:
-                _check_int("q_lora_rank", self.q_lora_rank)
-            if self.rope_head_dim % 2:
-                raise ValueError(
-                    f"GPTConfig: rope_head_dim={self.rope_head_dim} is odd, but RoPE rotates "
-                    "channel pairs; use an even rope_head_dim."
-                )
-            return
-        if self.n_kv_head is None:
-            if self.attention == "gqa":
-                raise ValueError(
-                    "GPTConfig: attention='gqa' needs n_kv_head (the number of key/value heads); "
-                    f"set it to a divisor of n_head={H} below n_head, e.g. {max(1, H // 2)}."
-                )
-            self.n_kv_head = 1 if self.attention == "mqa" else H
-        _check_int("n_kv_head", self.n_kv_head)
-        if self.attention == "mha" and self.n_kv_head != H:
-            raise ValueError(
-                f"GPTConfig: attention='mha' means n_kv_head == n_head={H}, got n_kv_head="
-                f"{self.n_kv_head}; use attention='gqa' for fewer key/value heads."
-            )
-        if self.attention == "mqa" and self.n_kv_head != 1:
-            raise ValueError(
-                f"GPTConfig: attention='mqa' means n_kv_head=1, got {self.n_kv_head}; "
-                "use attention='gqa' for more than one key/value head."
-            )
-        if H % self.n_kv_head:
-            raise ValueError(
-                f"GPTConfig: n_kv_head={self.n_kv_head} does not divide n_head={H} (each key/"
-                f"value head serves n_head // n_kv_head query heads); use one of {_divisors(H)}."
-            )
-        if D % 2:
-            raise ValueError(
-                f"GPTConfig: head_dim = n_embd // n_head = {D} is odd, but RoPE rotates channel "
-                "pairs; choose n_embd and n_head so that n_embd // n_head is even."
-            )
-
-    def _resolve_mlp(self) -> None:
-        dense_hidden = _round_to_multiple(8 * self.n_embd / 3)
-        if self.mlp == "dense":
-            if self.mlp_hidden is None:
-                self.mlp_hidden = dense_hidden
-            _check_int("mlp_hidden", self.mlp_hidden)
-            return
-        _check_int("n_experts", self.n_experts)
-        _check_int("experts_per_token", self.experts_per_token)
-        _check_int("n_shared_experts", self.n_shared_experts, minimum=0)
-        if self.experts_per_token > self.n_experts:
-            raise ValueError(
-                f"GPTConfig: experts_per_token={self.experts_per_token} > n_experts="
-                f"{self.n_experts}: a token cannot use more experts than exist; lower "
-                "experts_per_token or raise n_experts."
-            )
-        if self.expert_hidden is None:
-            # Fine-grained experts: the experts a token runs add up to about one dense MLP,
-            # so an MoE costs about the same FLOPs per token as the dense model it replaces.
-            active = self.experts_per_token + self.n_shared_experts
-            self.expert_hidden = _round_to_multiple(dense_hidden / active)
-        _check_int("expert_hidden", self.expert_hidden)
-        for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"GPTConfig.{name} must be a number >= 0, got {value!r}.")
-
-    @property
-    def head_dim(self) -> int:
-        """Channels per attention head (for MLA: the non-RoPE query/key part and the value)."""
-        return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict of all fields (resolved sizes included)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
-        """Build a config from `to_dict()` output; unknown keys are an error, not ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"GPTConfig.from_dict: unknown key(s) {unknown}; known keys are {sorted(known)}. "
-                "Fix the spelling or remove them (was the config written by another version?)."
-            )
-        return cls(**d)
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight: LayerNorm without centring or bias, computed in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # Same bits as below with the scale folded into the fused op: a decode step runs
-            # 2 * n_layer + 1 norms, and each saved op is a few microseconds of a ~1 ms step.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # x * rsqrt(mean(x^2) + eps) in float32 (squares of bf16/fp16 activations lose too
-        # much precision), as one fused op.
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    """The gated MLP of Llama: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, n_embd: int, hidden: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(n_embd, hidden, bias=False)
-        self.up = nn.Linear(n_embd, hidden, bias=False)
-        self.down = nn.Linear(hidden, n_embd, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+# GPTConfig and the kinds live in tinylm.config, RMSNorm and SwiGLU in tinylm.layers; they
+# stay importable from here.
+__all__ = [
+    "ATTENTION_KINDS",
+    "MLP_KINDS",
+    "MOE_BALANCE_KINDS",
+    "GPT",
+    "Block",
+    "GPTConfig",
+    "RMSNorm",
+    "SwiGLU",
+    "active_parameters",
+    "count_parameters",
+    "flops_per_token",
+    "kv_cache_bytes_per_token",
+]
 
 
 class Block(nn.Module):
@@ -256,8 +60,6 @@ class Block(nn.Module):
         self.attn = attn_cls(config, layer_idx)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         if config.mlp == "moe":
-            from tinylm.moe import MoE  # lazy: moe.py imports SwiGLU from this module
-
             self.mlp = MoE(config)
         else:
             self.mlp = SwiGLU(config.n_embd, config.mlp_hidden)
@@ -496,9 +298,5 @@ def kv_cache_bytes_per_token(config: GPTConfig, dtype: torch.dtype = torch.float
     MHA/GQA/MQA: k and v, 2 * n_layer * n_kv_head * head_dim elements;
     MLA: the latent and the RoPE key, n_layer * (kv_lora_rank + rope_head_dim) elements.
     """
-    c = config
-    if c.attention == "mla":
-        elements = c.n_layer * (c.kv_lora_rank + c.rope_head_dim)
-    else:
-        elements = 2 * c.n_layer * c.n_kv_head * c.head_dim
-    return elements * torch.empty((), dtype=dtype).element_size()
+    vectors, width = kv_vectors_per_token(config)
+    return vectors * width * torch.empty((), dtype=dtype).element_size()

@@ -33,9 +33,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from tinylm.model import SwiGLU
-
-BALANCE_MODES = ("bias", "aux_loss", "none")
+from tinylm.config import MOE_BALANCE_KINDS
+from tinylm.layers import SwiGLU
 
 
 class MoE(nn.Module):
@@ -52,9 +51,9 @@ class MoE(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         n_experts, k = config.n_experts, config.experts_per_token
-        if config.moe_balance not in BALANCE_MODES:
+        if config.moe_balance not in MOE_BALANCE_KINDS:
             raise ValueError(
-                f"moe_balance={config.moe_balance!r} is not known; use one of {BALANCE_MODES}"
+                f"moe_balance={config.moe_balance!r} is not known; use one of {MOE_BALANCE_KINDS}"
             )
         if not 1 <= k <= n_experts:
             raise ValueError(

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from tinylm.config import GPTConfig
 from tinylm.costs import ACTIVATION_BYTES, SUPPORTED_BITS, ModelShape, estimate
 from tinylm.device import describe_device, pick_device, synchronize
 from tinylm.hardware import Chip, this_machine
-from tinylm.model import GPTConfig
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

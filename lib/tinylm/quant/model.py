@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tinylm.attention import KVCache
+from tinylm.config import kv_vectors_per_token
 from tinylm.quant.rtn import QuantLinear, check_format, compute_scale_zero, quantize_codes
 
 # ----------------------------------------------------------------------------- whole models
@@ -323,6 +324,5 @@ def set_kv_cache(model: nn.Module, kind: str = "int8") -> nn.Module:
 
 def int8_kv_bytes_per_token(config: Any) -> int:
     """Bytes the int8 cache holds per token: one byte per element + an fp16 scale per vector."""
-    if config.attention == "mla":
-        return config.n_layer * (config.kv_lora_rank + config.rope_head_dim + 2)
-    return 2 * config.n_layer * config.n_kv_head * (config.head_dim + 2)
+    vectors, width = kv_vectors_per_token(config)
+    return vectors * (width + 2)

@@ -13,7 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, expect_equal
+from tinylm.course.exercises.core import (
+    Fail,
+    call,
+    check_cases,
+    exercise,
+    expect_close,
+    expect_equal,
+)
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.

@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, expect_equal
+from tinylm.course.exercises.core import (
+    Fail,
+    call,
+    check_cases,
+    exercise,
+    expect_close,
+    expect_equal,
+)
 
 # --------------------------------------------------------------------------- warm-up
 
