@@ -90,16 +90,16 @@ def exercise(capsys) -> ExerciseAsserts:
 @pytest.fixture
 def tiny_recipe(tmp_path, monkeypatch):
     """A seconds-long recipe registered as RECIPES["unit-test"], data under tmp_path."""
-    from tinylm import train as T
+    from tinylm import recipes as R
     from tinylm.train import TrainConfig
 
     monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path))
-    recipe = T.Recipe(
+    recipe = R.Recipe(
         description="test",
         model=dict(context_length=16, n_layer=1, n_head=2, n_embd=16),
         train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_interval=2, eval_batches=1),
         corpus_kwargs={"n_stories": 20},
         vocab_size=280,
     )
-    monkeypatch.setitem(T.RECIPES, "unit-test", recipe)
+    monkeypatch.setitem(R.RECIPES, "unit-test", recipe)
     return recipe

@@ -1,18 +1,18 @@
-"""Tests for tinylm.train.train_recipe / recipe_data: the one home of "train a recipe and save it"."""
+"""Tests for tinylm.recipes: train_recipe / recipe_data / load_or_train, the one home of "train a recipe and save it"."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tinylm import train as T
+from tinylm import recipes as R
 
 
 def test_recipe_data_uses_the_recipes_corpus_and_vocabulary(tiny_recipe):
-    corpus, tokenizer, data = T.recipe_data("unit-test")
+    corpus, tokenizer, data = R.recipe_data("unit-test")
     assert corpus.n_documents == 20 and tokenizer.vocab_size == tiny_recipe.vocab_size
     assert data.train_bytes + data.val_bytes == corpus.n_bytes
-    again = T.recipe_data("unit-test")[2]  # the tokenizer comes from the cache: same tokens
+    again = R.recipe_data("unit-test")[2]  # the tokenizer comes from the cache: same tokens
     assert torch.equal(again.train, data.train) and torch.equal(again.val, data.val)
 
 
@@ -20,7 +20,7 @@ def test_train_recipe_calls_back_every_step_and_saves_what_load_or_train_reuses(
     tiny_recipe, tmp_path, monkeypatch
 ):
     records = []
-    model, tokenizer, meta = T.train_recipe(
+    model, tokenizer, meta = R.train_recipe(
         "unit-test", device="cpu", progress=False, callback=records.append
     )
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -30,8 +30,8 @@ def test_train_recipe_calls_back_every_step_and_saves_what_load_or_train_reuses(
     def no_training(*args, **kwargs):
         raise AssertionError("the checkpoint train_recipe saved should have been used")
 
-    monkeypatch.setattr(T, "train", no_training)
-    loaded, _, loaded_meta = T.load_or_train("unit-test", device="cpu", progress=False)
+    monkeypatch.setattr(R, "train", no_training)
+    loaded, _, loaded_meta = R.load_or_train("unit-test", device="cpu", progress=False)
     assert loaded_meta == meta
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
@@ -41,32 +41,56 @@ def test_load_or_train_retrains_when_the_recipe_changes_but_not_its_description(
 ):
     import dataclasses
 
-    T.train_recipe("unit-test", device="cpu", progress=False)
+    R.train_recipe("unit-test", device="cpu", progress=False)
     trained = []
-    real_train = T.train
-    monkeypatch.setattr(T, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    real_train = R.train
+    monkeypatch.setattr(R, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
 
     reworded = dataclasses.replace(tiny_recipe, description="reworded prose")
-    monkeypatch.setitem(T.RECIPES, "unit-test", reworded)
-    T.load_or_train("unit-test", device="cpu", progress=False)
+    monkeypatch.setitem(R.RECIPES, "unit-test", reworded)
+    R.load_or_train("unit-test", device="cpu", progress=False)
     assert trained == []  # prose only: the checkpoint is reused
 
     longer = dataclasses.replace(reworded, train=dataclasses.replace(reworded.train, steps=5))
-    monkeypatch.setitem(T.RECIPES, "unit-test", longer)
-    meta = T.load_or_train("unit-test", device="cpu", progress=False)[2]
+    monkeypatch.setitem(R.RECIPES, "unit-test", longer)
+    meta = R.load_or_train("unit-test", device="cpu", progress=False)[2]
     assert trained == [1] and meta["recipe"]["train"]["steps"] == 5
     assert "the recipe changed" in capsys.readouterr().out
 
 
 def test_train_recipe_is_deterministic(tiny_recipe):
-    a = T.train_recipe("unit-test", device="cpu", progress=False)[0]
-    b = T.train_recipe("unit-test", device="cpu", progress=False)[0]
+    a = R.train_recipe("unit-test", device="cpu", progress=False)[0]
+    b = R.train_recipe("unit-test", device="cpu", progress=False)[0]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 
 def test_unknown_recipe_names_the_known_ones():
     with pytest.raises(ValueError, match="no recipe named 'nope'.*default"):
-        T.train_recipe("nope")
+        R.train_recipe("nope")
     with pytest.raises(ValueError, match="no recipe named 'nope'"):
-        T.recipe_data("nope")
+        R.recipe_data("nope")
+
+
+def test_load_or_train_trains_once_then_loads(tiny_recipe, tmp_path, monkeypatch):
+    recipe = tiny_recipe
+    model, tokenizer, meta = R.load_or_train("unit-test", device="cpu", progress=False)
+    assert (tmp_path / "checkpoints" / "unit-test" / "manifest.json").is_file()
+    assert meta["recipe"] == recipe.to_dict()
+    assert len(meta["history"]) == 4 and meta["seed"] == 0
+    for key in ("val_bpb", "entropy_floor_bpb", "train_time_s", "tokens_per_s", "sample"):
+        assert key in meta
+    assert tokenizer.vocab_size == model.config.vocab_size
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached checkpoint should have been used")
+
+    monkeypatch.setattr(R, "train", no_training)
+    model2, _, meta2 = R.load_or_train("unit-test", device="cpu", progress=False)
+    assert meta2 == meta
+    assert torch.equal(model2.lm_head.weight, model.lm_head.weight)
+
+
+def test_load_or_train_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ValueError, match="no recipe named 'nope'.*default"):
+        R.load_or_train("nope")

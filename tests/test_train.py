@@ -369,30 +369,3 @@ def test_live_plot_collects_records_and_draws_headless():
     ax = fig.axes[0]
     assert ax.get_ylabel() == "bits per byte"
     assert len(ax.lines) == 4  # raw train, smoothed train, validation, entropy floor
-
-
-# --------------------------------------------------------------------------- recipes
-
-
-def test_load_or_train_trains_once_then_loads(tiny_recipe, tmp_path, monkeypatch):
-    recipe = tiny_recipe
-    model, tokenizer, meta = T.load_or_train("unit-test", device="cpu", progress=False)
-    assert (tmp_path / "checkpoints" / "unit-test" / "manifest.json").is_file()
-    assert meta["recipe"] == recipe.to_dict()
-    assert len(meta["history"]) == 4 and meta["seed"] == 0
-    for key in ("val_bpb", "entropy_floor_bpb", "train_time_s", "tokens_per_s", "sample"):
-        assert key in meta
-    assert tokenizer.vocab_size == model.config.vocab_size
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached checkpoint should have been used")
-
-    monkeypatch.setattr(T, "train", no_training)
-    model2, _, meta2 = T.load_or_train("unit-test", device="cpu", progress=False)
-    assert meta2 == meta
-    assert torch.equal(model2.lm_head.weight, model.lm_head.weight)
-
-
-def test_load_or_train_unknown_recipe_lists_the_known_ones():
-    with pytest.raises(ValueError, match="no recipe named 'nope'.*default"):
-        T.load_or_train("nope")

@@ -13,20 +13,18 @@ Everything that decides the result is seeded and saved in checkpoints (weights, 
 moments, the batch generator's state), so a run that is stopped and resumed ends with
 exactly the same weights as one that ran straight through.
 
-`load_or_train(name)` returns a ready model for later chapters: it loads the cached
-checkpoint of a named recipe (RECIPES) or trains it (2-2.5 minutes on two CPU cores) and saves it;
-`train_recipe(name, callback=LivePlot())` (re)trains and saves a recipe while you watch.
+Named recipes and `load_or_train` (the trained models later chapters start from) live in
+`tinylm.recipes`; `LivePlot`, the live loss plot, in `tinylm.course.plots`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from tinylm import checkpoint as ckpt
+from tinylm.course.plots import LivePlot  # noqa: F401  (re-exported: train(..., callback=LivePlot()))
+from tinylm.data import bits_per_byte, get_batch
+from tinylm.device import pick_device
+from tinylm.util import in_notebook
 
 # --------------------------------------------------------------------------- configuration
 
@@ -279,8 +281,6 @@ def evaluate_bpb(
     Bits per byte = (nats per token) / ln 2 / (bytes per token): the same units as the
     corpus's entropy floor and comparable across tokenizers, unlike loss per token.
     """
-    from tinylm.data import bits_per_byte
-
     loss = evaluate_loss(model, tokens, block_size, batch_size, n_batches, seed)
     return bits_per_byte(loss, bytes_per_token)
 
@@ -322,9 +322,6 @@ def train(
     cleanly: the model keeps its weights so far and the history has `interrupted = True`.
     Raises TrainingDiverged when the loss or gradient stops being finite.
     """
-    from tinylm.data import bits_per_byte, get_batch
-    from tinylm.device import pick_device
-
     device = pick_device(config.device)
     model.to(device)
     block_size = config.block_size or model.config.context_length
@@ -455,7 +452,7 @@ def train(
         bar.write(f"training interrupted after step {done}; the model keeps its weights so far")
     finally:
         bar.close()
-        if progress and _in_notebook():
+        if progress and in_notebook():
             # A notebook bar is a widget; viewers without widgets (GitHub, nbviewer) show the
             # text it had when it appeared (0%), so also leave its final state as plain text.
             print(bar, flush=True)
@@ -539,350 +536,14 @@ def _restore(
 # --------------------------------------------------------------------------- live plot
 
 
-class LivePlot:
-    """A live bits-per-byte plot for notebooks: `train(..., callback=LivePlot())`.
-
-    Redraws one figure in place (through an IPython display handle) at most every `every_s`
-    seconds, at every evaluation and at the last step. Outside a notebook it only collects
-    the records; `figure()` draws them whenever you want (e.g. to savefig).
-    """
-
-    def __init__(
-        self, every_s: float = 3.0, entropy_floor: float | None = None, title: str = "training"
-    ) -> None:
-        self.every_s = every_s
-        self.entropy_floor = entropy_floor
-        self.title = title
-        self.records: list[dict] = []
-        self._handle = None
-        self._last_draw = -math.inf
-        self._live = _in_notebook()
-
-    def __call__(self, record: dict) -> None:
-        self.records.append(record)
-        last = record.get("step") == record.get("total_steps")
-        now = time.perf_counter()
-        if self._live and ("val_bpb" in record or last or now - self._last_draw >= self.every_s):
-            self._last_draw = now
-            self._show()
-
-    def figure(self):
-        """Draw the records so far into a new matplotlib Figure (no pyplot, no global state)."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 3.2), layout="constrained")
-        ax = fig.add_subplot()
-        steps = [r["step"] for r in self.records]
-        train = [r["train_bpb"] for r in self.records]
-        if steps:
-            ax.plot(steps, train, lw=0.6, alpha=0.35, color="C0")
-            ax.plot(steps, _ema(train, 0.95), lw=1.5, color="C0", label="train (smoothed)")
-        evals = [(r["step"], r["val_bpb"]) for r in self.records if r.get("val_bpb") is not None]
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o-", color="C1", ms=4, label="validation")
-        if self.entropy_floor is not None:
-            ax.axhline(self.entropy_floor, ls="--", color="k", lw=1, label="entropy floor")
-        ax.set(xlabel="step", ylabel="bits per byte", title=self.title)
-        if steps:
-            ax.set_xlim(0, self.records[-1].get("total_steps", steps[-1]))
-            ax.set_ylim(0, max(train[: max(1, len(train) // 20)] + [1.0]) * 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
-        return fig
-
-    def _show(self) -> None:
-        import io
-
-        from IPython.display import Image, display
-
-        buf = io.BytesIO()
-        self.figure().savefig(buf, format="png", dpi=90)
-        image = Image(data=buf.getvalue())
-        if self._handle is None:
-            self._handle = display(image, display_id=True)
-        else:
-            self._handle.update(image)
+# Named recipes and load_or_train live in tinylm.recipes, which imports this module (so a
+# top-level import of it here would be a circle). The old names stay reachable from here.
+_MOVED_TO_RECIPES = ("RECIPES", "Recipe", "load_or_train", "recipe_data", "train_recipe")
 
 
-def _ema(values: list[float], beta: float) -> list[float]:
-    """Exponential moving average with bias correction (so it starts at the first value)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
-    return out
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_RECIPES:
+        from tinylm import recipes  # lazy on purpose: recipes imports this module
 
-
-def _in_notebook() -> bool:
-    """True inside a Jupyter kernel (including a headless one run by nbval/nbclient)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
-
-
-# --------------------------------------------------------------------------- recipes
-
-
-@dataclass
-class Recipe:
-    """Everything that defines a trained model: corpus, tokenizer size, model and training."""
-
-    description: str
-    model: dict[str, Any]  # GPTConfig fields; vocab_size comes from the tokenizer
-    train: TrainConfig
-    corpus: str = "stories"
-    corpus_seed: int = 0
-    corpus_kwargs: dict[str, Any] = field(default_factory=dict)
-    vocab_size: int = 512
-    val_fraction: float = 0.1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-
-#: Named recipes for load_or_train. Later chapters add variants ("gqa", "mla", "moe", ...)
-#: as entries here; a recipe's checkpoint is retrained whenever its entry changes.
-RECIPES: dict[str, Recipe] = {
-    # Tuned on 2 CPU cores: at this budget a ~1 M-parameter model taking many cheap steps
-    # beats bigger ones taking fewer; vocab 1024 (~4 bytes per token) beat 2048, and lr 6e-3
-    # beat 3e-3. steps is the knob that sets the time: 900 steps of 16 x 128 tokens took
-    # 127-140 s on the project's 2-core build machine (evaluation and data add a few s).
-    # 600 steps would fit chapter 03 in 2 minutes, but validation bits per byte was still
-    # falling fast there (0.157 at step 600 of this schedule, 0.135 at step 900).
-    "default": Recipe(
-        description="4-layer, 128-wide GPT on the generated stories; 2-2.5 minutes on 2 CPU cores",
-        model={"context_length": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},
-        train=TrainConfig(
-            steps=900,
-            batch_size=16,
-            lr=6e-3,
-            min_lr=6e-4,
-            warmup_steps=30,
-            eval_interval=100,
-            eval_batches=8,
-        ),
-        vocab_size=1024,
-    ),
-}
-
-
-def _same_budget_variant(description: str, **model_changes: Any) -> Recipe:
-    """The "default" recipe with `model_changes` and half its steps (chapter 05's variants).
-
-    Chapter 05 trains four of these side by side (dense, GQA, MLA, MoE) with exactly the same
-    budget: same corpus, tokenizer, batch, block size, learning-rate schedule and seed, and
-    half the default's steps (and evaluation interval), so that all four train in about the
-    time of 2 default runs. Derived from the default entry, they stay in step when it changes.
-    """
-    base = RECIPES["default"]
-    steps = max(1, base.train.steps // 2)
-    train = dataclasses.replace(
-        base.train,
-        steps=steps,
-        warmup_steps=min(base.train.warmup_steps, steps),
-        eval_interval=max(1, base.train.eval_interval // 2),
-    )
-    model = {**base.model, **model_changes}
-    return dataclasses.replace(base, description=description, model=model, train=train)
-
-
-RECIPES.update(
-    {
-        "dense": _same_budget_variant(
-            "chapter 05 baseline: the default model with half the default's steps"
-        ),
-        "gqa": _same_budget_variant(
-            "chapter 05: grouped-query attention, half as many key/value heads as query heads",
-            attention="gqa",
-            n_kv_head=max(1, RECIPES["default"].model.get("n_head", 4) // 2),
-        ),
-        "mla": _same_budget_variant(
-            "chapter 05: multi-head latent attention (GPTConfig's default latent sizes)",
-            attention="mla",
-        ),
-        "moe": _same_budget_variant(
-            "chapter 05: mixture of experts (8 routed of which 2 per token + 1 shared, "
-            "bias-balanced) in every layer",
-            mlp="moe",
-            n_experts=8,
-            experts_per_token=2,
-            n_shared_experts=1,
-            moe_balance="bias",
-        ),
-    }
-)
-
-
-def _recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(
-            f"no recipe named {name!r}; choose one of {sorted(RECIPES)} or add yours to tinylm.train.RECIPES"
-        )
-    return RECIPES[name]
-
-
-def load_or_train(
-    name: str = "default", device: str | torch.device | None = None, progress: bool = True
-) -> tuple[torch.nn.Module, Any, dict]:
-    """Return (model, tokenizer, meta) of recipe `name`: from its checkpoint, else trained now.
-
-    The checkpoint lives in checkpoint_dir()/name. It is reused when it loads cleanly and was
-    made by the same recipe; otherwise `train_recipe(name)` runs the recipe from scratch and
-    saves the result (see there for what meta holds).
-    """
-    from tinylm.device import pick_device
-    from tinylm.paths import checkpoint_dir
-
-    recipe = _recipe(name)
-    device = device if isinstance(device, torch.device) else pick_device(device)
-    path = checkpoint_dir() / name
-    if path.exists():
-        try:
-            model, tokenizer, meta = ckpt.load(path, device=device)
-        except (OSError, ValueError) as err:
-            print(f"retraining {name!r}: the checkpoint at {path} does not load ({err})")
-        else:
-            if _what_trains(meta.get("recipe")) == _what_trains(recipe.to_dict()):
-                return model, tokenizer, meta
-            print(f"retraining {name!r}: the recipe changed since {path} was saved")
-    return train_recipe(name, device=device, progress=progress)
-
-
-def _what_trains(recipe: dict | None) -> dict | None:
-    """A recipe's dict without its prose: editing a description must not force a retrain."""
-    return None if recipe is None else {k: v for k, v in recipe.items() if k != "description"}
-
-
-def recipe_data(name: str = "default") -> tuple[Any, Any, Any]:
-    """Return (corpus, tokenizer, token splits) of recipe `name`.
-
-    The corpus comes from tinylm.data.load_corpus, the tokenizer is trained on the corpus's
-    training split once and then loaded from cache_dir(), and the splits are
-    tinylm.data.prepare_tokens with the recipe's val_fraction: exactly what train_recipe uses.
-    """
-    from tinylm.data import load_corpus, prepare_tokens
-
-    recipe = _recipe(name)
-    corpus = load_corpus(recipe.corpus, seed=recipe.corpus_seed, **recipe.corpus_kwargs)
-    tokenizer = _cached_tokenizer(corpus, recipe.vocab_size, recipe.val_fraction)
-    data = prepare_tokens(corpus, tokenizer, val_fraction=recipe.val_fraction)
-    return corpus, tokenizer, data
-
-
-def train_recipe(
-    name: str = "default",
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    callback: Callable[[dict], Any] | None = None,
-) -> tuple[torch.nn.Module, Any, dict]:
-    """Train recipe `name` from scratch, save it as its checkpoint, return (model, tokenizer, meta).
-
-    This is what load_or_train runs when there is no valid checkpoint; call it directly to
-    retrain while watching (callback as in `train`, e.g. LivePlot()). The checkpoint goes to
-    checkpoint_dir()/name, replacing the old one atomically. meta holds the recipe, val_bpb
-    (a full pass over the validation split), entropy_floor_bpb, train_time_s, tokens_per_s,
-    tokens_seen, n_params, seed, the history and a sample. If training is interrupted
-    (Ctrl-C), nothing is saved and KeyboardInterrupt is raised again.
-    """
-    from tinylm.device import describe_device, pick_device, seed_everything
-    from tinylm.model import GPT, GPTConfig
-    from tinylm.paths import checkpoint_dir
-
-    recipe = _recipe(name)
-    device = device if isinstance(device, torch.device) else pick_device(device)
-    seed = recipe.train.seed
-    seed_everything(seed)
-    corpus, tokenizer, data = recipe_data(name)
-    config = GPTConfig(**{**recipe.model, "vocab_size": tokenizer.vocab_size})
-    torch.manual_seed(seed)  # the model's initial weights
-    model = GPT(config)
-    train_config = dataclasses.replace(recipe.train, device=str(device))
-    t0 = time.perf_counter()
-    history = train(model, data, train_config, callback=callback, progress=progress)
-    train_time = time.perf_counter() - t0
-    if history.interrupted:  # never save a half-trained model under the recipe's name
-        raise KeyboardInterrupt(
-            f"training of recipe {name!r} was interrupted; nothing was saved "
-            "(an existing checkpoint is left as it was)"
-        )
-    block_size = train_config.block_size or config.context_length
-    val_bpb = evaluate_bpb(
-        model, data.val, data.val_bytes_per_token, block_size, train_config.batch_size
-    )
-    meta = {
-        "name": name,
-        "recipe": recipe.to_dict(),
-        "val_bpb": val_bpb,
-        "entropy_floor_bpb": corpus.entropy_bits_per_byte,
-        "train_time_s": train_time,
-        "tokens_per_s": history[-1]["tokens_per_s"],
-        "tokens_seen": history[-1]["tokens_seen"],
-        "seed": seed,
-        "device": describe_device(device),
-        "torch": torch.__version__,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "val_bytes_per_token": data.val_bytes_per_token,
-        "history": list(history),
-        "sample": _quick_sample(model, tokenizer, n_tokens=120, seed=seed),
-    }
-    ckpt.save(checkpoint_dir() / name, model, tokenizer, meta=meta)
-    model.eval()
-    return model, tokenizer, meta
-
-
-def _cached_tokenizer(corpus: Any, vocab_size: int, val_fraction: float) -> Any:
-    """Train a BPE tokenizer on the corpus's training split, or load it from cache_dir().
-
-    Only the training text is used, so the validation text stays unseen by every learned
-    part. The cache key hashes that text and includes the vocabulary size, so a changed
-    corpus never reuses a stale tokenizer.
-    """
-    from tinylm.data import split_text
-    from tinylm.paths import cache_dir
-    from tinylm.tokenizer import BPETokenizer
-
-    text = split_text(corpus.text, val_fraction)[0]
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    path = cache_dir() / f"tokenizer-{corpus.name}-{digest}-v{vocab_size}.json"
-    if path.is_file():
-        try:
-            return BPETokenizer.load(path)
-        except (OSError, ValueError) as err:
-            print(f"retraining the tokenizer: {path} does not load ({err})")
-    tokenizer = BPETokenizer.train(text, vocab_size)
-    tokenizer.save(path)  # atomic: a crash never leaves a half-written tokenizer in the cache
-    return tokenizer
-
-
-@torch.no_grad()
-def _quick_sample(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    n_tokens: int = 100,
-    seed: int = 0,
-    temperature: float = 0.8,
-) -> str:
-    """A short sample that starts after an end-of-text token (a fresh story), for meta and reports.
-
-    Deliberately minimal (full recompute each token, temperature only); chapter 04's
-    tinylm.generate is the real sampler.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([[tokenizer.eot_id]], device=device)
-    for _ in range(n_tokens):
-        logits = model(idx[:, -model.config.context_length :])[0, -1].float().cpu()
-        probs = torch.softmax(logits / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=g)
-        if nxt.item() == tokenizer.eot_id:
-            break
-        idx = torch.cat([idx, nxt.to(device)[None]], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(idx[0, 1:].tolist())
+        return getattr(recipes, name)
+    raise AttributeError(f"module 'tinylm.train' has no attribute {name!r}")

@@ -4,18 +4,22 @@ Call `use_workbook_style()` once in a notebook's setup cell. It sets a modest re
 (100 dpi at 7 x 3.6 inches: the committed PNGs stay well under 100 KB), a light grid and a
 colour-blind-friendly palette (Okabe & Ito). `si` formats big numbers (FLOPs, tokens,
 bytes) with SI prefixes; `bar_distribution` draws a probability distribution over labels
-(token probabilities, expert loads, ...).
+(token probabilities, expert loads, ...); `LivePlot` redraws a training run's loss as it goes.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from tinylm.util import in_notebook
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["PALETTE", "bar_distribution", "si", "use_workbook_style"]
+__all__ = ["PALETTE", "LivePlot", "bar_distribution", "si", "use_workbook_style"]
 
 #: Okabe & Ito (2008) colour-blind-safe palette, in the order the workbook uses it.
 PALETTE = (
@@ -107,3 +111,80 @@ def bar_distribution(
     if title:
         ax.set_title(title)
     return ax
+
+
+# --------------------------------------------------------------------------- live training plot
+
+
+class LivePlot:
+    """A live bits-per-byte plot for notebooks: `train(..., callback=LivePlot())`.
+
+    Redraws one figure in place (through an IPython display handle) at most every `every_s`
+    seconds, at every evaluation and at the last step. Outside a notebook it only collects
+    the records; `figure()` draws them whenever you want (e.g. to savefig).
+    """
+
+    def __init__(
+        self, every_s: float = 3.0, entropy_floor: float | None = None, title: str = "training"
+    ) -> None:
+        self.every_s = every_s
+        self.entropy_floor = entropy_floor
+        self.title = title
+        self.records: list[dict] = []
+        self._handle = None
+        self._last_draw = -math.inf
+        self._live = in_notebook()
+
+    def __call__(self, record: dict) -> None:
+        self.records.append(record)
+        last = record.get("step") == record.get("total_steps")
+        now = time.perf_counter()
+        if self._live and ("val_bpb" in record or last or now - self._last_draw >= self.every_s):
+            self._last_draw = now
+            self._show()
+
+    def figure(self):
+        """Draw the records so far into a new matplotlib Figure (no pyplot, no global state)."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        steps = [r["step"] for r in self.records]
+        train = [r["train_bpb"] for r in self.records]
+        if steps:
+            ax.plot(steps, train, lw=0.6, alpha=0.35, color="C0")
+            ax.plot(steps, _ema(train, 0.95), lw=1.5, color="C0", label="train (smoothed)")
+        evals = [(r["step"], r["val_bpb"]) for r in self.records if r.get("val_bpb") is not None]
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o-", color="C1", ms=4, label="validation")
+        if self.entropy_floor is not None:
+            ax.axhline(self.entropy_floor, ls="--", color="k", lw=1, label="entropy floor")
+        ax.set(xlabel="step", ylabel="bits per byte", title=self.title)
+        if steps:
+            ax.set_xlim(0, self.records[-1].get("total_steps", steps[-1]))
+            ax.set_ylim(0, max(train[: max(1, len(train) // 20)] + [1.0]) * 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
+        return fig
+
+    def _show(self) -> None:
+        import io
+
+        from IPython.display import Image, display
+
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png", dpi=90)
+        image = Image(data=buf.getvalue())
+        if self._handle is None:
+            self._handle = display(image, display_id=True)
+        else:
+            self._handle.update(image)
+
+
+def _ema(values: list[float], beta: float) -> list[float]:
+    """Exponential moving average with bias correction (so it starts at the first value)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out

@@ -40,21 +40,13 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from tinylm.util import kernel_shell
+
 __all__ = ["Panel", "interactive_panel"]
 
 # One render at a time, across panels and threads (see the module docstring). Re-entrant:
 # an observer may change another control, and so start a render, from inside a render.
 _RENDER_LOCK = threading.RLock()
-
-
-def _kernel_shell() -> Any:
-    """The running IPython shell if we are inside a Jupyter kernel, else None."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    shell = get_ipython()
-    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
 
 
 def _short(value: Any) -> str:
@@ -153,7 +145,7 @@ class Panel:
     def show(self) -> None:
         """Display the controls and render the current values as ordinary cell outputs."""
         self._shown = True
-        shell = _kernel_shell()
+        shell = kernel_shell()
         if shell is None:  # plain Python or a test: just render (prints go to stdout)
             self._render()
             return

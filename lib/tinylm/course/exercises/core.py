@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tinylm.util import in_notebook
+
 DIFFICULTIES = ("warm-up", "core", "stretch")
 Status = Literal["passed", "failed", "not_attempted"]
 
@@ -433,20 +435,10 @@ _LABEL = {"passed": "✓ passed", "failed": "✗ failed", "not_attempted": "○ 
 _COLOUR = {"passed": "#1a7f37", "failed": "#cf222e", "not_attempted": "#9a6700"}
 
 
-def _ipython_kernel() -> bool:
-    """True inside a Jupyter kernel (where rich HTML output is shown)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 def _report(ex: Exercise, result: Result) -> None:
     heading = f"{_LABEL[result.status]}  {ex.id} · {ex.title} ({ex.difficulty})"
     text = heading + "".join(f"\n    {line}" for line in result.message.splitlines())
-    if not _ipython_kernel():
+    if not in_notebook():  # rich HTML output only in a kernel
         print(text)
         return
     from IPython.display import display

@@ -1,0 +1,275 @@
+"""Named training recipes and `load_or_train`: the trained models later chapters start from.
+
+`load_or_train(name)` returns a ready model: it loads the cached checkpoint of a named recipe
+(RECIPES) or trains it (2-2.5 minutes on two CPU cores for "default") and saves it;
+`train_recipe(name, callback=LivePlot())` (re)trains and saves a recipe while you watch. A
+recipe's checkpoint is retrained whenever what it trains changes (not its description).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tinylm import checkpoint as ckpt
+from tinylm.data import load_corpus, prepare_tokens, split_text
+from tinylm.device import describe_device, pick_device, seed_everything
+from tinylm.model import GPT, GPTConfig
+from tinylm.paths import cache_dir, checkpoint_dir
+from tinylm.tokenizer import BPETokenizer
+from tinylm.train import TrainConfig, evaluate_bpb, train
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a trained model: corpus, tokenizer size, model and training."""
+
+    description: str
+    model: dict[str, Any]  # GPTConfig fields; vocab_size comes from the tokenizer
+    train: TrainConfig
+    corpus: str = "stories"
+    corpus_seed: int = 0
+    corpus_kwargs: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int = 512
+    val_fraction: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+
+#: Named recipes for load_or_train. Later chapters add variants ("gqa", "mla", "moe", ...)
+#: as entries here; a recipe's checkpoint is retrained whenever its entry changes.
+RECIPES: dict[str, Recipe] = {
+    # Tuned on 2 CPU cores: at this budget a ~1 M-parameter model taking many cheap steps
+    # beats bigger ones taking fewer; vocab 1024 (~4 bytes per token) beat 2048, and lr 6e-3
+    # beat 3e-3. steps is the knob that sets the time: 900 steps of 16 x 128 tokens took
+    # 127-140 s on the project's 2-core build machine (evaluation and data add a few s).
+    # 600 steps would fit chapter 03 in 2 minutes, but validation bits per byte was still
+    # falling fast there (0.157 at step 600 of this schedule, 0.135 at step 900).
+    "default": Recipe(
+        description="4-layer, 128-wide GPT on the generated stories; 2-2.5 minutes on 2 CPU cores",
+        model={"context_length": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},
+        train=TrainConfig(
+            steps=900,
+            batch_size=16,
+            lr=6e-3,
+            min_lr=6e-4,
+            warmup_steps=30,
+            eval_interval=100,
+            eval_batches=8,
+        ),
+        vocab_size=1024,
+    ),
+}
+
+
+def _same_budget_variant(description: str, **model_changes: Any) -> Recipe:
+    """The "default" recipe with `model_changes` and half its steps (chapter 05's variants).
+
+    Chapter 05 trains four of these side by side (dense, GQA, MLA, MoE) with exactly the same
+    budget: same corpus, tokenizer, batch, block size, learning-rate schedule and seed, and
+    half the default's steps (and evaluation interval), so that all four train in about the
+    time of 2 default runs. Derived from the default entry, they stay in step when it changes.
+    """
+    base = RECIPES["default"]
+    steps = max(1, base.train.steps // 2)
+    train = dataclasses.replace(
+        base.train,
+        steps=steps,
+        warmup_steps=min(base.train.warmup_steps, steps),
+        eval_interval=max(1, base.train.eval_interval // 2),
+    )
+    model = {**base.model, **model_changes}
+    return dataclasses.replace(base, description=description, model=model, train=train)
+
+
+RECIPES.update(
+    {
+        "dense": _same_budget_variant(
+            "chapter 05 baseline: the default model with half the default's steps"
+        ),
+        "gqa": _same_budget_variant(
+            "chapter 05: grouped-query attention, half as many key/value heads as query heads",
+            attention="gqa",
+            n_kv_head=max(1, RECIPES["default"].model.get("n_head", 4) // 2),
+        ),
+        "mla": _same_budget_variant(
+            "chapter 05: multi-head latent attention (GPTConfig's default latent sizes)",
+            attention="mla",
+        ),
+        "moe": _same_budget_variant(
+            "chapter 05: mixture of experts (8 routed of which 2 per token + 1 shared, "
+            "bias-balanced) in every layer",
+            mlp="moe",
+            n_experts=8,
+            experts_per_token=2,
+            n_shared_experts=1,
+            moe_balance="bias",
+        ),
+    }
+)
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(
+            f"no recipe named {name!r}; choose one of {sorted(RECIPES)} or add yours to tinylm.recipes.RECIPES"
+        )
+    return RECIPES[name]
+
+
+def load_or_train(
+    name: str = "default", device: str | torch.device | None = None, progress: bool = True
+) -> tuple[torch.nn.Module, Any, dict]:
+    """Return (model, tokenizer, meta) of recipe `name`: from its checkpoint, else trained now.
+
+    The checkpoint lives in checkpoint_dir()/name. It is reused when it loads cleanly and was
+    made by the same recipe; otherwise `train_recipe(name)` runs the recipe from scratch and
+    saves the result (see there for what meta holds).
+    """
+    recipe = _recipe(name)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    path = checkpoint_dir() / name
+    if path.exists():
+        try:
+            model, tokenizer, meta = ckpt.load(path, device=device)
+        except (OSError, ValueError) as err:
+            print(f"retraining {name!r}: the checkpoint at {path} does not load ({err})")
+        else:
+            if _what_trains(meta.get("recipe")) == _what_trains(recipe.to_dict()):
+                return model, tokenizer, meta
+            print(f"retraining {name!r}: the recipe changed since {path} was saved")
+    return train_recipe(name, device=device, progress=progress)
+
+
+def _what_trains(recipe: dict | None) -> dict | None:
+    """A recipe's dict without its prose: editing a description must not force a retrain."""
+    return None if recipe is None else {k: v for k, v in recipe.items() if k != "description"}
+
+
+def recipe_data(name: str = "default") -> tuple[Any, Any, Any]:
+    """Return (corpus, tokenizer, token splits) of recipe `name`.
+
+    The corpus comes from tinylm.data.load_corpus, the tokenizer is trained on the corpus's
+    training split once and then loaded from cache_dir(), and the splits are
+    tinylm.data.prepare_tokens with the recipe's val_fraction: exactly what train_recipe uses.
+    """
+    recipe = _recipe(name)
+    corpus = load_corpus(recipe.corpus, seed=recipe.corpus_seed, **recipe.corpus_kwargs)
+    tokenizer = _cached_tokenizer(corpus, recipe.vocab_size, recipe.val_fraction)
+    data = prepare_tokens(corpus, tokenizer, val_fraction=recipe.val_fraction)
+    return corpus, tokenizer, data
+
+
+def train_recipe(
+    name: str = "default",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    callback: Callable[[dict], Any] | None = None,
+) -> tuple[torch.nn.Module, Any, dict]:
+    """Train recipe `name` from scratch, save it as its checkpoint, return (model, tokenizer, meta).
+
+    This is what load_or_train runs when there is no valid checkpoint; call it directly to
+    retrain while watching (callback as in `train`, e.g. LivePlot()). The checkpoint goes to
+    checkpoint_dir()/name, replacing the old one atomically. meta holds the recipe, val_bpb
+    (a full pass over the validation split), entropy_floor_bpb, train_time_s, tokens_per_s,
+    tokens_seen, n_params, seed, the history and a sample. If training is interrupted
+    (Ctrl-C), nothing is saved and KeyboardInterrupt is raised again.
+    """
+    recipe = _recipe(name)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    seed = recipe.train.seed
+    seed_everything(seed)
+    corpus, tokenizer, data = recipe_data(name)
+    config = GPTConfig(**{**recipe.model, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(seed)  # the model's initial weights
+    model = GPT(config)
+    train_config = dataclasses.replace(recipe.train, device=str(device))
+    t0 = time.perf_counter()
+    history = train(model, data, train_config, callback=callback, progress=progress)
+    train_time = time.perf_counter() - t0
+    if history.interrupted:  # never save a half-trained model under the recipe's name
+        raise KeyboardInterrupt(
+            f"training of recipe {name!r} was interrupted; nothing was saved "
+            "(an existing checkpoint is left as it was)"
+        )
+    block_size = train_config.block_size or config.context_length
+    val_bpb = evaluate_bpb(
+        model, data.val, data.val_bytes_per_token, block_size, train_config.batch_size
+    )
+    meta = {
+        "name": name,
+        "recipe": recipe.to_dict(),
+        "val_bpb": val_bpb,
+        "entropy_floor_bpb": corpus.entropy_bits_per_byte,
+        "train_time_s": train_time,
+        "tokens_per_s": history[-1]["tokens_per_s"],
+        "tokens_seen": history[-1]["tokens_seen"],
+        "seed": seed,
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "val_bytes_per_token": data.val_bytes_per_token,
+        "history": list(history),
+        "sample": _quick_sample(model, tokenizer, n_tokens=120, seed=seed),
+    }
+    ckpt.save(checkpoint_dir() / name, model, tokenizer, meta=meta)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def _cached_tokenizer(corpus: Any, vocab_size: int, val_fraction: float) -> Any:
+    """Train a BPE tokenizer on the corpus's training split, or load it from cache_dir().
+
+    Only the training text is used, so the validation text stays unseen by every learned
+    part. The cache key hashes that text and includes the vocabulary size, so a changed
+    corpus never reuses a stale tokenizer.
+    """
+    text = split_text(corpus.text, val_fraction)[0]
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = cache_dir() / f"tokenizer-{corpus.name}-{digest}-v{vocab_size}.json"
+    if path.is_file():
+        try:
+            return BPETokenizer.load(path)
+        except (OSError, ValueError) as err:
+            print(f"retraining the tokenizer: {path} does not load ({err})")
+    tokenizer = BPETokenizer.train(text, vocab_size)
+    tokenizer.save(path)  # atomic: a crash never leaves a half-written tokenizer in the cache
+    return tokenizer
+
+
+@torch.no_grad()
+def _quick_sample(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    n_tokens: int = 100,
+    seed: int = 0,
+    temperature: float = 0.8,
+) -> str:
+    """A short sample that starts after an end-of-text token (a fresh story), for meta and reports.
+
+    Deliberately minimal (full recompute each token, temperature only); chapter 04's
+    tinylm.generate is the real sampler.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([[tokenizer.eot_id]], device=device)
+    for _ in range(n_tokens):
+        logits = model(idx[:, -model.config.context_length :])[0, -1].float().cpu()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=g)
+        if nxt.item() == tokenizer.eot_id:
+            break
+        idx = torch.cat([idx, nxt.to(device)[None]], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(idx[0, 1:].tolist())
