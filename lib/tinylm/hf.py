@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from tinylm.checkpoint import _swap_into_place
-from tinylm.model import GPT, GPTConfig
+from tinylm.config import GPTConfig
+from tinylm.model import GPT
 from tinylm.tokenizer import BPETokenizer
 
 CONFIG = "config.json"

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from tinylm.exercises.core import check_cases, exercise
+from tinylm.course.exercises.core import check_cases, exercise
 
 # Plain Python only: listing the exercises should not pay for importing torch.
 
