@@ -303,8 +303,8 @@ def check_memory(nbytes: int, what: str) -> None:
 
 def hf_folder(
     name_or_folder: str | os.PathLike[str],
-    cache_dir: str | os.PathLike[str] | None,
-    endpoint: str | None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    endpoint: str | None = None,
 ) -> Path:
     """The local folder of a model: a folder as it is; a hub id ("owner/name") from the HF
     cache, else downloaded with huggingface_hub (config, safetensors and tokenizer files only).
