@@ -9,9 +9,10 @@ import torch
 
 from tinylm import checkpoint
 from tinylm.card import format_card, inference_card, main
+from tinylm.config import GPTConfig
 from tinylm.hardware import Chip
 from tinylm.hf import save_hf
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPT
 
 # A tiny GQA model whose numbers are easy to compute by hand.
 V, C, L, H, HKV, HIDDEN, CTX = 97, 32, 2, 4, 2, 48, 64

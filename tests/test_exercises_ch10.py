@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tinylm.config import GPTConfig
 from tinylm.costs import ModelShape, estimate, kv_cache_bytes_per_token
-from tinylm.exercises import check, list_exercises, results
-from tinylm.exercises.ch10 import (
+from tinylm.course.exercises import check, list_exercises, results
+from tinylm.course.exercises.ch10 import (
     LLAMA2_7B,
     SMOLLM2_135M,
     TINYLLAMA_11B,
@@ -16,7 +17,7 @@ from tinylm.exercises.ch10 import (
 )
 from tinylm.hardware import load_chips
 from tinylm.hf import config_from_hf, tinylm_to_hf_names
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPT
 
 # ----------------------------------------------------------------- learner answers (fixtures)
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tinylm.config import GPTConfig
 from tinylm.generate import generate
 from tinylm.hf import HFImportError, HFTokenizer, bpe_to_hf, load_hf, save_hf
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPT
 from tinylm.tokenizer import BPETokenizer
 
 transformers = pytest.importorskip("transformers")
