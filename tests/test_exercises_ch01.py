@@ -10,12 +10,15 @@ import pytest
 
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch01 import (
+    library_merges,
     reference_compression_ratio,
     reference_decode,
     reference_encode,
+    reference_train_bpe,
     reference_unigram_bits_per_byte,
+    text_chunks,
 )
-from tinylm.tokenizer import BPETokenizer
+from tinylm.tokenizer import EOT, BPETokenizer
 
 # ----------------------------------------------------------------- learner answers
 # The notebook's solutions (written independently of the references), then typical mistakes.
@@ -188,3 +191,101 @@ def test_compression_check_uses_non_ascii_text():
     assert len(text.encode("utf-8")) != len(text)
     assert re.search("[^\x00-\x7f]", text)
     assert compression_ratio(text, _tokenizer()) != compression_ratio_chars(text, _tokenizer())
+
+
+# ----------------------------------------------------------------- the BPE training loop
+
+
+def train_bpe(chunks, n_merges):
+    """The notebook's loop, written independently of the reference."""
+    merges = []
+    for i in range(n_merges):
+        counts = Counter(p for ids in chunks for p in zip(ids, ids[1:], strict=False))
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        chunks = [_merge(ids, best, 256 + i) for ids in chunks]
+        merges.append(best)
+    return merges
+
+
+def train_bpe_first_seen_ties(chunks, n_merges):  # wrong: Counter.most_common keeps the first
+    merges = []
+    for i in range(n_merges):
+        counts = Counter(p for ids in chunks for p in zip(ids, ids[1:], strict=False))
+        if not counts:
+            break
+        best = counts.most_common(1)[0][0]
+        chunks = [_merge(ids, best, 256 + i) for ids in chunks]
+        merges.append(best)
+    return merges
+
+
+def train_bpe_across_chunks(chunks, n_merges):  # wrong: joins the chunks before counting
+    return train_bpe([[i for ids in chunks for i in ids]], n_merges)
+
+
+def train_bpe_no_skip(chunks, n_merges):  # wrong: after a merge, moves on by one token only
+    def merge(ids, pair, new_id):
+        out, i = [], 0
+        while i < len(ids):
+            if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+                out.append(new_id)
+            else:
+                out.append(ids[i])
+            i += 1
+        return out
+
+    merges = []
+    for i in range(n_merges):
+        counts = Counter(p for ids in chunks for p in zip(ids, ids[1:], strict=False))
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        chunks = [merge(ids, best, 256 + i) for ids in chunks]
+        merges.append(best)
+    return merges
+
+
+def train_bpe_never_stops(chunks, n_merges):  # wrong: max() of an empty Counter raises
+    merges = []
+    for i in range(n_merges):
+        counts = Counter(p for ids in chunks for p in zip(ids, ids[1:], strict=False))
+        best = min(counts, key=lambda p: (-counts[p], p))
+        chunks = [_merge(ids, best, 256 + i) for ids in chunks]
+        merges.append(best)
+    return merges
+
+
+def test_bpe_train_right_answers_pass(exercise):
+    exercise.passes("ch01.bpe_train", train_bpe)
+    exercise.passes("ch01.bpe_train", reference_train_bpe)
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (train_bpe_first_seen_ties, "LOWEST pair"),
+        (train_bpe_across_chunks, "inside each chunk only"),
+        (train_bpe_no_skip, "move past both of its tokens"),
+    ],
+)
+def test_bpe_train_typical_mistakes_get_their_hint(answer, fragment, exercise):
+    exercise.fails("ch01.bpe_train", answer, "merge ", "the library learns", "Hint:", fragment)
+
+
+def test_bpe_train_that_never_stops_names_the_input(exercise):
+    exercise.fails(
+        "ch01.bpe_train", train_bpe_never_stops, "'x y x y x y'", "raised", "no pair is left"
+    )
+
+
+def test_bpe_train_stub_is_not_attempted(exercise):
+    exercise.not_attempted("ch01.bpe_train", stub)
+
+
+def test_reference_bpe_loop_learns_the_library_merges_on_stories():
+    from tinylm.stories import generate_stories
+
+    text = "".join(story + EOT for story, _ in generate_stories(15, seed=3))
+    assert reference_train_bpe(text_chunks(text), 80) == library_merges(text, 80)

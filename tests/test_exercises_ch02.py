@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tinylm.attention import apply_rope, rope_tables
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch02 import (
+    random_attention_layer,
     reference_apply_rope_at,
     reference_block_params,
     reference_causal_attention,
+    reference_causal_self_attention,
     reference_forward_flops,
 )
 from tinylm.model import Block, GPTConfig
@@ -137,6 +140,7 @@ def test_there_are_warm_up_core_and_stretch_exercises():
     ch02 = list_exercises(2)
     assert {ex.id for ex in ch02} == {
         "ch02.block_params",
+        "ch02.causal_self_attention",
         "ch02.forward_flops",
         "ch02.causal_attention",
         "ch02.apply_rope_at",
@@ -191,3 +195,91 @@ def test_stub_is_not_attempted(exercise_id, exercise):
 def test_wrong_shape_is_a_failure_not_a_crash():
     assert check("ch02.causal_attention", lambda q, k, v: q.sum(-1)) is False
     assert "shape" in results()[-1].message
+
+
+# ----------------------------------------------------------------- causal self-attention layer
+
+
+def _split(attn, t, B, T, C):
+    return t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+
+
+def causal_self_attention(attn, x, cos, sin):
+    """The notebook's layer, written independently of the reference (explicit softmax)."""
+    B, T, C = x.shape
+    q, k, v = (_split(attn, p(x), B, T, C) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = causal_attention(q, k, v)  # the offset-mask answer above, square here
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def self_attention_without_mask(attn, x, cos, sin):  # wrong: every token sees the future
+    B, T, C = x.shape
+    q, k, v = (_split(attn, p(x), B, T, C) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return attn.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+
+def self_attention_heads_merged_without_transpose(attn, x, cos, sin):  # wrong: [B, H, T, D]
+    B, T, C = x.shape
+    q, k, v = (_split(attn, p(x), B, T, C) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.o_proj(y.reshape(B, T, C))
+
+
+def self_attention_split_without_transpose(attn, x, cos, sin):  # wrong: view(B, H, T, D)
+    B, T, C = x.shape
+    H = attn.n_head
+    q, k, v = (p(x).view(B, H, T, C // H) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def self_attention_without_rope(attn, x, cos, sin):  # wrong: no positions at all
+    B, T, C = x.shape
+    q, k, v = (_split(attn, p(x), B, T, C) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def self_attention_rope_on_values(attn, x, cos, sin):  # wrong: rotates v as well
+    B, T, C = x.shape
+    q, k, v = (_split(attn, p(x), B, T, C) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (apply_rope(t, cos, sin) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_causal_self_attention_right_answers_pass(exercise):
+    exercise.passes("ch02.causal_self_attention", causal_self_attention)
+    exercise.passes("ch02.causal_self_attention", reference_causal_self_attention)
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (self_attention_without_mask, "mask the future"),
+        (self_attention_heads_merged_without_transpose, "transpose(1, 2).reshape(B, T, C)"),
+        (self_attention_split_without_transpose, "view(B, T, n_head, head_dim)"),
+        (self_attention_without_rope, "apply RoPE"),
+        (self_attention_rope_on_values, "rotate only q and k"),
+    ],
+)
+def test_causal_self_attention_typical_mistakes_get_their_hint(answer, fragment, exercise):
+    exercise.fails("ch02.causal_self_attention", answer, "n_head=", "differs", "Hint:", fragment)
+
+
+def test_causal_self_attention_stub_is_not_attempted(exercise):
+    exercise.not_attempted("ch02.causal_self_attention", stub)
+
+
+def test_reference_self_attention_equals_the_library_layer_with_gqa_off():
+    layer = random_attention_layer(64, 4, seed=7)
+    x = torch.randn(2, 10, 64)
+    cos, sin = rope_tables(16, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reference_causal_self_attention(layer, x, cos, sin), layer(x, cos, sin, None, None)
+        )

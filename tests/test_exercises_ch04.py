@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from tinylm.attention import apply_rope
 from tinylm.exercises import check, list_exercises, results
 from tinylm.exercises.ch04 import (
+    ListKVCache,
     _tiny_model,
+    reference_attention_with_cache,
     reference_decode_tokens_per_s,
     reference_greedy_with_cache,
     reference_kv_cache_bytes,
@@ -164,6 +168,7 @@ def test_there_are_warm_up_core_and_stretch_exercises():
     ch04 = list_exercises(4)
     assert {ex.id for ex in ch04} == {
         "ch04.kv_cache_bytes",
+        "ch04.attention_with_cache",
         "ch04.top_p_filter",
         "ch04.decode_tokens_per_s",
         "ch04.greedy_with_cache",
@@ -224,3 +229,90 @@ def test_stub_is_not_attempted(exercise_id, exercise):
 def test_wrong_shape_is_a_failure_not_a_crash():
     assert check("ch04.top_p_filter", lambda probs, p: probs.sum(-1)) is False
     assert "shape" in results()[-1].message
+
+
+# ----------------------------------------------------------------- one cached step
+
+
+def attention_with_cache(attn, x, cache, layer, pos, cos, sin):
+    """The notebook's step, written independently: explicit scores, keys repeated for GQA."""
+    B, T, C = x.shape
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+    q = apply_rope(q, cos[pos : pos + T], sin[pos : pos + T])
+    k = apply_rope(k, cos[pos : pos + T], sin[pos : pos + T])
+    k, v = cache.append(layer, k, v)
+    k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    S = k.shape[2]
+    scores = q @ k.transpose(-2, -1) / D**0.5
+    visible = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    y = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _step(mask, rope_start, append=True, gqa=True):
+    """A cached step with one typical mistake switched on."""
+
+    def step(attn, x, cache, layer, pos, cos, sin):
+        B, T, C = x.shape
+        H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+        q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        start = pos if rope_start == "pos" else 0
+        q = apply_rope(q, cos[start : start + T], sin[start : start + T])
+        k = apply_rope(k, cos[start : start + T], sin[start : start + T])
+        if append:
+            k, v = cache.append(layer, k, v)
+        S = k.shape[2]
+        kwargs = dict(enable_gqa=Hkv != H) if gqa else {}
+        if mask == "top_left":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        else:
+            visible = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, **kwargs)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    return step
+
+
+attention_is_causal_true = _step("top_left", "pos")  # SDPA's is_causal: top-left corner
+attention_rope_from_zero = _step("offset", "zero")  # cos[:T] instead of cos[pos : pos + T]
+attention_never_appends = _step("offset", "pos", append=False)  # attends to the new tokens only
+attention_without_gqa = _step("offset", "pos", gqa=False)  # shapes clash when n_kv_head < n_head
+
+
+def test_attention_with_cache_right_answers_pass(exercise):
+    exercise.passes("ch04.attention_with_cache", attention_with_cache)
+    exercise.passes("ch04.attention_with_cache", reference_attention_with_cache)
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (attention_is_causal_true, "offset the causal mask"),
+        (attention_rope_from_zero, "THEIR positions"),
+        (attention_never_appends, "append the new keys and values"),
+        (attention_without_gqa, "enable_gqa=True"),
+    ],
+)
+def test_attention_with_cache_typical_mistakes_get_their_hint(answer, fragment, exercise):
+    exercise.fails("ch04.attention_with_cache", answer, "Hint:", fragment)
+
+
+def test_attention_with_cache_failure_names_the_chunk(exercise):
+    message = exercise.fails("ch04.attention_with_cache", attention_rope_from_zero)
+    assert "chunk 1 (1 new token at positions 6..6, 6 cached before" in message
+
+
+def test_attention_with_cache_stub_is_not_attempted(exercise):
+    exercise.not_attempted("ch04.attention_with_cache", stub)
+
+
+def test_list_cache_appends_along_time():
+    cache = ListKVCache(n_layer=2)
+    k, v = cache.append(1, torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    k, v = cache.append(1, torch.ones(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    assert k.shape == v.shape == (1, 2, 4, 4) and cache.k[0] is None

@@ -1,14 +1,18 @@
 """Checks for notebook 01, "Text to tokens".
 
-The inputs are chosen so that the typical mistakes give a different answer: counting
-characters instead of UTF-8 bytes, decoding each token on its own (which breaks a character
-whose bytes straddle two tokens), applying merges in the wrong order, and measuring a
-loss in nats or per token instead of bits per byte.
+The inputs are chosen so that the typical mistakes give a different answer: breaking ties
+between equally frequent pairs some other way than the library, counting pairs across
+chunk boundaries, merging overlapping pairs, counting characters instead of UTF-8 bytes,
+decoding each token on its own (which breaks a character whose bytes straddle two tokens),
+applying merges in the wrong order, and measuring a loss in nats or per token instead of
+bits per byte.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from functools import cache
@@ -16,6 +20,7 @@ from itertools import pairwise
 from typing import Any
 
 from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.tokenizer import EOT, PATTERNS, BPETokenizer
 
 # --------------------------------------------------------------------------- shared inputs
 
@@ -31,8 +36,6 @@ _TRAIN_TEXT = (
 @cache
 def _tokenizer() -> Any:
     """A small BPETokenizer trained on _TRAIN_TEXT (cached: it is the same for every check)."""
-    from tinylm.tokenizer import BPETokenizer
-
     return BPETokenizer.train(_TRAIN_TEXT, vocab_size=256 + 60 + 1)
 
 
@@ -75,6 +78,187 @@ def _check_compression_ratio(answer: Any) -> str:
     ]
     cases = [((text, tok), reference_compression_ratio(text, tok)) for text in texts]
     return check_cases(answer, cases, rel=1e-9, hint=_compression_hint)
+
+
+# --------------------------------------------------------------------------- core: BPE training
+
+
+def text_chunks(text: str) -> list[list[int]]:
+    """Cut ``text`` like the library does before training: at <|endoftext|>, then with the
+    default pre-split pattern; each chunk becomes the list of its UTF-8 bytes."""
+    split = re.compile(PATTERNS["whitespace"])
+    return [list(c.encode("utf-8")) for part in text.split(EOT) for c in split.findall(part)]
+
+
+def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int, skip: bool = True) -> list[int]:
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2 if skip else 1  # skip=False: the overlapping-merge mistake
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _bpe_variant(
+    chunks: Sequence[Sequence[int]],
+    n_merges: int,
+    *,
+    tie: str = "lowest",
+    flatten: bool = False,
+    skip: bool = True,
+    distinct: bool = False,
+    first_id: int = 256,
+) -> list[tuple[int, int]]:
+    """The naive BPE loop, with switches for the typical mistakes (defaults: the right one)."""
+    work = [list(c) for c in chunks]
+    if flatten:  # the mistake: pairs across chunk boundaries count too
+        work = [[i for c in work for i in c]]
+    merges: list[tuple[int, int]] = []
+    for k in range(n_merges):
+        counts: Counter = Counter()
+        for ids in work:
+            counts.update(set(pairwise(ids)) if distinct else pairwise(ids))
+        if not counts:
+            break  # every chunk is a single token: nothing left to merge
+        if tie == "lowest":
+            best = min(counts, key=lambda p: (-counts[p], p))
+        elif tie == "highest":
+            best = max(counts, key=lambda p: (counts[p], p))
+        else:  # "first": max() keeps the first of equally frequent pairs it meets
+            best = max(counts, key=counts.__getitem__)
+        work = [_merge_pair(ids, best, first_id + k, skip) for ids in work]
+        merges.append(best)
+    return merges
+
+
+def reference_train_bpe(chunks: Sequence[Sequence[int]], n_merges: int) -> list[tuple[int, int]]:
+    """Learn up to ``n_merges`` BPE merges from pre-split chunks of byte ids, naively.
+
+    Repeat: count every adjacent pair inside each chunk (overlapping pairs count, e.g. three
+    in "aaaa"), take the most frequent (ties: the lowest pair), replace it left to right in
+    every chunk by the next id (256, 257, ...). Stop early when no pair is left. The same
+    merges as `tinylm.tokenizer.BPETokenizer.train`, which gets them much faster.
+    """
+    return _bpe_variant(chunks, n_merges)
+
+
+def library_merges(text: str, n_merges: int) -> list[tuple[int, int]]:
+    """The merges `BPETokenizer.train` learns from ``text`` with room for ``n_merges``."""
+    with warnings.catch_warnings():  # running out of pairs is part of some cases
+        warnings.simplefilter("ignore")
+        return BPETokenizer.train(text, vocab_size=256 + n_merges + 1).merges
+
+
+_BPE_MISTAKES = [
+    (
+        dict(tie="first"),
+        "when two pairs are equally frequent, take the LOWEST pair (a, b), as the library "
+        "does: min(counts, key=lambda p: (-counts[p], p)); max(counts, key=counts.get) and "
+        "most_common(1) keep whichever pair they met first",
+    ),
+    (
+        dict(tie="highest"),
+        "ties go to the lowest pair, not the highest: min(counts, key=lambda p: (-counts[p], p))",
+    ),
+    (
+        dict(flatten=True),
+        "count pairs inside each chunk only: joining the chunks counts pairs across word "
+        "boundaries (the end of one word and the start of the next) that BPE never merges",
+    ),
+    (
+        dict(skip=False),
+        "after replacing a pair, move past both of its tokens (i += 2): otherwise the "
+        "pair's second token stays in the list next to the new one",
+    ),
+    (
+        dict(distinct=True),
+        "count every occurrence of a pair: a pair that occurs twice in one chunk counts twice",
+    ),
+    (
+        dict(first_id=257),
+        "merge i makes token 256 + i (the first merge is 256): number the new tokens from 256",
+    ),
+]
+
+
+def _bpe_hint(got: Any, expected: Any, args: Any) -> str | None:
+    chunks, n = args
+    for options, hint in _BPE_MISTAKES:
+        variant = _bpe_variant(chunks, n, **options)
+        if variant != expected and got == variant:
+            return hint
+    if len(got) > len(expected):
+        return "stop when no pair is left to merge (the pair counts are empty)"
+    return (
+        "repeat n_merges times: count adjacent pairs in every chunk, pick the most frequent "
+        "(ties: lowest pair), replace it everywhere by 256 + i, remember the merge"
+    )
+
+
+def _describe_merge(merges: Sequence[tuple[int, int]], k: int) -> str:
+    """Merge k of a merge list, with the bytes its two parts stand for."""
+    vocab = [bytes([i]) for i in range(256)]
+    for a, b in merges[:k]:
+        vocab.append(vocab[a] + vocab[b] if max(a, b) < len(vocab) else b"?")
+    a, b = merges[k]
+    parts = [repr(vocab[i]) if 0 <= i < len(vocab) else f"<unknown id {i}>" for i in (a, b)]
+    return f"({a}, {b}) = {parts[0]} + {parts[1]}"
+
+
+_BPE_CASES = [
+    ("cd cd ab ab", 2),  # a tie: (a, b) and (c, d) twice each; the lowest pair goes first
+    ("x y x y x y", 3),  # the pairs that join two words are the most frequent ones
+    ("aaaaa aaa bc bc bc", 3),  # overlapping pairs: 'aaaaa' holds (a, a) four times
+    ("hello hello help", 20),  # runs out of pairs after a few merges
+    (
+        "Pip had a red ball. Pip loved the red ball very much." + EOT + "Tom had a kite.",
+        25,
+    ),
+    (_TRAIN_TEXT, 40),  # repeated story sentences with 'é' in them
+]
+
+
+@exercise("ch01.bpe_train", difficulty="core", title="The BPE training loop")
+def _check_bpe_train(answer: Any) -> str:
+    name = getattr(answer, "__name__", "your function")
+    for text, n in _BPE_CASES:
+        chunks = text_chunks(text)
+        expected = library_merges(text, n)
+        what = f"{name}(chunks of {text[:30]!r}{'...' if len(text) > 30 else ''}, {n})"
+        try:
+            got = call(answer, [list(c) for c in chunks], n)  # copies: the check reuses chunks
+        except Fail as failure:
+            hint = failure.hint
+            if hint is None and "empty" in failure.message:
+                hint = "stop when no pair is left to merge (the pair counts are empty)"
+            raise Fail(f"on the chunks of {text[:30]!r}: {failure.message}", hint) from None
+        try:
+            got = [tuple(int(i) for i in pair) for pair in got]
+        except (TypeError, ValueError):
+            raise Fail(
+                f"{what} returned {got!r:.80}; expected a list of merges (a, b)",
+                hint="return the list of pairs you merged, in order: [(a, b), ...]",
+            ) from None
+        if got == expected:
+            continue
+        hint = _bpe_hint(got, expected, (chunks, n))
+        k = next((i for i, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e), None)
+        if k is None:
+            raise Fail(
+                f"{what} returned {len(got)} merges; the library learns {len(expected)} "
+                "(the first ones agree)",
+                hint,
+            )
+        agree = f" (merges 0..{k - 1} agree)" if k else ""
+        raise Fail(
+            f"{what}: merge {k} (token {256 + k}) is {_describe_merge(got, k)}; the library "
+            f"learns {_describe_merge(expected, k)}{agree}",
+            hint,
+        )
+    return f"all {len(_BPE_CASES)} texts give the library's merges, merge for merge"
 
 
 # --------------------------------------------------------------------------- core: decode

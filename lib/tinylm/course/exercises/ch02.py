@@ -83,6 +83,170 @@ def _check_block_params(answer: Any) -> str:
     )
 
 
+# --------------------------------------------------------------------------- core: attention layer
+
+
+def reference_causal_self_attention(attn: Any, x: Any, cos: Any, sin: Any) -> Any:
+    """Multi-head causal self-attention with RoPE, as `tinylm.attention.CausalSelfAttention`.
+
+    ``attn`` holds the four projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``) and
+    ``n_head``; x [B, T, C]; cos, sin [T, D] are the RoPE tables of positions 0 .. T-1.
+    Project, split the C channels into n_head heads of D = C // n_head ([B, H, T, D]),
+    rotate q and k (not v), attend causally with scores scaled by 1/sqrt(D), put the heads
+    side by side again ([B, T, C]) and mix them with o_proj.
+    """
+    import torch.nn.functional as F
+
+    from tinylm.attention import apply_rope
+
+    B, T, C = x.shape
+    H = attn.n_head
+
+    def heads(t: Any) -> Any:  # [B, T, C] -> [B, H, T, D]
+        return t.view(B, T, H, C // H).transpose(1, 2)
+
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _self_attention_variants(attn: Any, x: Any, cos: Any, sin: Any) -> list[tuple[Any, str]]:
+    """What the typical mistakes compute, each with the hint that names it."""
+    import torch
+
+    from tinylm.attention import apply_rope
+
+    B, T, C = x.shape
+    H = attn.n_head
+    D = C // H
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def heads(t: Any) -> Any:
+        return t.view(B, T, H, D).transpose(1, 2)
+
+    def attend(q: Any, k: Any, v: Any, mask: Any = causal, scale: float = D**-0.5) -> Any:
+        scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+    def merge(y: Any) -> Any:
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return [
+        (merge(attend(q, k, v)), "apply RoPE to the queries and keys: apply_rope(q, cos, sin)"),
+        (
+            merge(attend(qr, kr, apply_rope(v, cos, sin))),
+            "rotate only q and k: RoPE changes who attends to whom, the values pass on "
+            "content and stay unrotated",
+        ),
+        (
+            merge(attend(qr, kr, v, torch.ones(T, T, dtype=torch.bool))),
+            "mask the future: token t may only attend to keys 0..t (scores of later keys "
+            "-> -inf before the softmax)",
+        ),
+        (merge(attend(qr, kr, v, scale=1.0)), "scale the scores by 1/sqrt(head_dim)"),
+        (
+            merge(attend(qr, kr, v, scale=C**-0.5)),
+            "the scale is 1/sqrt(head_dim), not 1/sqrt(n_embd)",
+        ),
+        (
+            attn.o_proj(attend(qr, kr, v).reshape(B, T, C)),
+            "put the heads back side by side with y.transpose(1, 2).reshape(B, T, C): "
+            "reshaping [B, H, T, D] directly mixes tokens and heads",
+        ),
+        (
+            attend(qr, kr, v).transpose(1, 2).reshape(B, T, C),
+            "finish with the output projection o_proj, which mixes the heads",
+        ),
+        (
+            merge(
+                attend(
+                    apply_rope(attn.q_proj(x).view(B, H, T, D), cos, sin),
+                    apply_rope(attn.k_proj(x).view(B, H, T, D), cos, sin),
+                    attn.v_proj(x).view(B, H, T, D),
+                )
+            ),
+            "split the heads with view(B, T, n_head, head_dim).transpose(1, 2): the channels "
+            "of one token are split between heads, viewing [B, H, T, D] directly mixes tokens",
+        ),
+    ]
+
+
+def _self_attention_hint(got: Any, expected: Any, args: Any) -> str | None:
+    import torch
+
+    attn, x, cos, sin = args
+    if getattr(got, "shape", None) is not None and tuple(got.shape) != tuple(expected.shape):
+        return "return the layer's output with the input's shape [B, T, C]"
+    got_t = torch.as_tensor(got).detach().to("cpu", torch.float32)
+    with torch.no_grad():
+        variants = _self_attention_variants(attn, x, cos, sin)
+    for value, hint in variants:
+        if not torch.allclose(value, expected, atol=1e-5) and torch.allclose(
+            got_t, value, rtol=1e-4, atol=1e-5
+        ):
+            return hint
+    return (
+        "q, k, v = the projections split into heads [B, H, T, D]; rotate q and k; causal "
+        "softmax(q·kᵀ/sqrt(D)) @ v; heads side by side [B, T, C]; o_proj"
+    )
+
+
+def random_attention_layer(n_embd: int, n_head: int, seed: int) -> Any:
+    """A `tinylm.attention.CausalSelfAttention` (multi-head) with O(1) random weights.
+
+    At the library's initialisation (std 0.02) every attention pattern is nearly uniform,
+    so a missing mask or a wrong head split would hardly change the output; weights of
+    order one make every mistake visible.
+    """
+    import torch
+
+    from tinylm.attention import CausalSelfAttention
+    from tinylm.model import GPTConfig
+
+    config = GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, vocab_size=256, context_length=64)
+    layer = CausalSelfAttention(config, 0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 1.5 / math.sqrt(p.shape[-1]))
+    return layer.eval()
+
+
+@exercise(
+    "ch02.causal_self_attention",
+    difficulty="core",
+    title="Causal self-attention with RoPE: the layer the model runs on",
+)
+def _check_causal_self_attention(answer: Any) -> str:
+    import torch
+
+    from tinylm.attention import rope_tables
+
+    cases = [(32, 4, 2, 7), (64, 8, 1, 12), (16, 1, 3, 5), (48, 3, 2, 9)]  # C, H, B, T
+    name = getattr(answer, "__name__", "your function")
+    for seed, (C, H, B, T) in enumerate(cases):
+        layer = random_attention_layer(C, H, seed)
+        x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(100 + seed))
+        cos, sin = rope_tables(C // H, T)
+        with torch.no_grad():
+            expected = layer(x, cos, sin, None, None)  # the library's layer itself
+            got = call(answer, layer, x.clone(), cos, sin)
+        what = f"{name}(layer with n_embd={C}, n_head={H}, x[{B},{T},{C}], cos, sin)"
+        expect_close(
+            got,
+            expected,
+            rel=1e-4,
+            abs_tol=1e-5,
+            what=what,
+            hint=_self_attention_hint,
+            args=(layer, x, cos, sin),
+        )
+    return f"all {len(cases)} layers match tinylm.attention.CausalSelfAttention"
+
+
 # --------------------------------------------------------------------------- core: FLOPs
 
 

@@ -106,6 +106,227 @@ def _check_kv_cache_bytes(answer: Any) -> str:
     return f"all {len(cases)} cases match (MHA, GQA, MQA and a Llama-3-8B shape)"
 
 
+# --------------------------------------------------------------------------- core: cached step
+
+
+class ListKVCache:
+    """The chapter's hand-built cache: per layer, keys and values [B, n_kv_head, tokens, D].
+
+    The same interface as the notebook's ``SimpleKVCache``: ``append(layer, k, v)`` stores the
+    new tokens' keys and values after the cached ones and returns everything stored.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list[Any] = [None] * n_layer
+        self.v: list[Any] = [None] * n_layer
+
+    def append(self, layer: int, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store k, v [B, n_kv_head, T, D] of the new tokens; return the layer's whole cache."""
+        import torch
+
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def _attention_with_cache(
+    attn: Any, x: Any, cache: Any, layer: int, pos: int, cos: Any, sin: Any, mistake: str = ""
+) -> Any:
+    """One attention layer over cached keys and values; ``mistake`` switches in a typical one."""
+    import torch
+    import torch.nn.functional as F
+
+    from tinylm.attention import apply_rope
+
+    B, T, C = x.shape
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+    k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+    v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+    start = 0 if mistake == "rope_from_zero" else pos
+    q = apply_rope(q, cos[start : start + T], sin[start : start + T])  # positions pos .. pos+T-1
+    k = apply_rope(k, cos[start : start + T], sin[start : start + T])
+    if mistake != "no_append":
+        k, v = cache.append(layer, k, v)  # [B, Hkv, S, D], S = pos + T
+    S = k.shape[2]
+    visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+    if mistake == "top_left":
+        visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
+    elif mistake == "no_mask":
+        visible = torch.ones(T, S, dtype=torch.bool, device=x.device)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=Hkv != H)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def reference_attention_with_cache(
+    attn: Any, x: Any, cache: Any, layer: int, pos: int, cos: Any, sin: Any
+) -> Any:
+    """Attention of T new tokens at positions pos .. pos+T-1 over the cache plus themselves.
+
+    attn: a library attention layer (q/k/v/o projections, n_head, n_kv_head, head_dim);
+    x [B, T, C]; cache: has ``append(layer, k, v)`` (see `ListKVCache`); cos, sin: the RoPE
+    tables of all positions. Project; rotate q and k by THEIR positions; append k, v to the
+    cache; attend over all S = pos + T cached keys with the causal mask offset by pos
+    (query i sees keys 0 .. pos + i); heads side by side; o_proj.
+    """
+    return _attention_with_cache(attn, x, cache, layer, pos, cos, sin)
+
+
+_CACHED_STEP_MISTAKES = {
+    "no_append": "append the new keys and values to the cache and attend over everything it "
+    "returns: cache.append(layer, k, v) gives the keys of all tokens so far",
+    "rope_from_zero": "rotate the new tokens by THEIR positions, cos[pos : pos + T], not "
+    "cos[:T]: the first decode step after a 20-token prompt is at position 20",
+    "top_left": "offset the causal mask by the cached tokens: query i sits at position pos + i "
+    "and sees keys 0 .. pos + i, so use tril(diagonal=S - T); is_causal=True aligns the mask "
+    "to the top-left corner and lets a decode step see only key 0",
+    "no_mask": "a chunk of several new tokens needs the causal mask too (the prefill is one)",
+}
+
+
+def _run_cached(step: Any, model: Any, ids: Any, chunks: list[int]) -> list[Any]:
+    """Feed ids [B, S] through the model chunk by chunk with `step` as the attention."""
+    import torch
+
+    cache, pos, out = ListKVCache(model.config.n_layer), 0, []
+    with torch.no_grad():
+        for T in chunks:
+            x = model.tok_emb(ids[:, pos : pos + T])
+            for layer, block in enumerate(model.blocks):
+                h = block.attn_norm(x)
+                x = x + step(block.attn, h, cache, layer, pos, model.rope_cos, model.rope_sin)
+                x = x + block.mlp(block.mlp_norm(x))
+            out.append(model.lm_head(model.norm(x)))
+            pos += T
+    return out
+
+
+def _random_gpt(seed: int, **shape: Any) -> Any:
+    import torch
+
+    from tinylm.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=97, context_length=48, n_layer=2, n_embd=32, **shape))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # O(1) weights: a wrong mask or position changes the logits clearly
+        for p in model.parameters():
+            p.copy_(
+                1 + 0.2 * torch.randn(p.shape, generator=g)
+                if p.dim() == 1
+                else torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
+            )
+    return model.eval()
+
+
+_CACHED_STEP_CASES = [  # (seed, model shape, chunk lengths: a prefill, decode steps, a chunk of 3)
+    (0, dict(n_head=2), [6, 1, 1, 1, 3, 1]),
+    (1, dict(n_head=4, attention="gqa", n_kv_head=2), [5, 1, 1, 3]),
+    (2, dict(n_head=1), [1, 1, 1, 1]),
+]
+
+
+def reference_chunk_logits(model: Any, ids: Any, chunks: list[int]) -> list[Any]:
+    """What every chunk's logits must be: one full forward over the whole sequence, sliced."""
+    import torch
+
+    with torch.no_grad():
+        full = model(ids)
+    return [full[:, p : p + T] for p, T in zip(_starts(chunks), chunks, strict=True)]
+
+
+@exercise(
+    "ch04.attention_with_cache",
+    difficulty="core",
+    title="One cached step: append to the KV cache, attend over it",
+)
+def _check_attention_with_cache(answer: Any) -> str:
+    import torch
+
+    name = getattr(answer, "__name__", "your function")
+    for seed, shape, chunks in _CACHED_STEP_CASES:
+        # the case: a small random model and a token sequence fed chunk by chunk
+        model = _random_gpt(seed, **shape)
+        ids = torch.randint(0, 97, (2, sum(chunks)), generator=torch.Generator().manual_seed(seed))
+        # the reference: a full recompute
+        expected = reference_chunk_logits(model, ids, chunks)
+        # the learner's step inside the same forward pass
+        try:
+            got = _run_cached(_shape_checked(answer), model, ids, chunks)
+        except Fail as failure:
+            hint = failure.hint
+            if hint is None and shape.get("n_kv_head", shape["n_head"]) != shape["n_head"]:
+                hint = (
+                    "with grouped-query attention (n_kv_head < n_head) each cached key/value "
+                    "head serves n_head // n_kv_head query heads: pass enable_gqa=True to "
+                    "scaled_dot_product_attention (or repeat_interleave k and v)"
+                )
+            raise Fail(failure.message, hint) from None
+        # the comparison, chunk by chunk
+        for k, (g, e, p, T) in enumerate(zip(got, expected, _starts(chunks), chunks, strict=True)):
+            what = (
+                f"the forward pass with {name}, chunk {k} ({T} new token{'s' * (T > 1)} at "
+                f"positions {p}..{p + T - 1}, {p} cached before; n_head={model.config.n_head}, "
+                f"n_kv_head={model.config.n_kv_head})"
+            )
+            expect_close(
+                g,
+                e,
+                rel=1e-4,
+                abs_tol=1e-4,
+                what=what,
+                hint=_cached_hint,
+                args=(got, model, ids, chunks, k),
+            )
+    return (
+        f"all {len(_CACHED_STEP_CASES)} sequences give the full recompute's logits, chunk by chunk"
+    )
+
+
+def _shape_checked(answer: Any) -> Any:
+    """The learner's function, called through `call`, refusing an output of the wrong shape."""
+
+    def step(attn: Any, x: Any, *rest: Any) -> Any:
+        out = call(answer, attn, x, *rest)
+        if tuple(getattr(out, "shape", ())) != tuple(x.shape):
+            raise Fail(
+                f"{getattr(answer, '__name__', 'your function')} returned "
+                f"{type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))} for x of "
+                f"shape {tuple(x.shape)}",
+                hint="return the layer's output [B, T, C]: o_proj of the heads side by side",
+            )
+        return out
+
+    return step
+
+
+def _starts(chunks: list[int]) -> list[int]:
+    return [sum(chunks[:i]) for i in range(len(chunks))]
+
+
+def _cached_hint(got_chunk: Any, expected: Any, args: Any) -> str | None:
+    """Name the typical mistake whose logits the learner's chunks 0..k reproduce."""
+    import torch
+
+    got, model, ids, chunks, k = args
+    for mistake, hint in _CACHED_STEP_MISTAKES.items():
+
+        def step(*step_args: Any, mistake: str = mistake) -> Any:
+            return _attention_with_cache(*step_args, mistake=mistake)
+
+        variant = _run_cached(step, model, ids, chunks)
+        if all(
+            torch.allclose(torch.as_tensor(g).float(), v, atol=1e-4)
+            for g, v in zip(got[: k + 1], variant[: k + 1], strict=True)
+        ):
+            return hint
+    return (
+        "project; rotate q and k with cos[pos : pos + T]; k, v = cache.append(layer, k, v); "
+        "attend with the mask tril(diagonal=S - T); heads side by side; o_proj"
+    )
+
+
 # --------------------------------------------------------------------------- core: top-p
 
 

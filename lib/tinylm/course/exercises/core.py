@@ -268,6 +268,8 @@ def _fmt(value: Any) -> str:
         kind = type(value).__name__
         return f"{kind}(shape={tuple(shape)}, dtype={value.dtype})"
     text = repr(value)
+    if "\n" in text or " object at 0x" in text:  # a module or a plain object: name its type
+        return f"<{type(value).__name__}>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
