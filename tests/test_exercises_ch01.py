@@ -257,9 +257,9 @@ def train_bpe_never_stops(chunks, n_merges):  # wrong: max() of an empty Counter
     return merges
 
 
-def test_bpe_train_right_answers_pass(exercise):
-    exercise.passes("ch01.bpe_train", train_bpe)
-    exercise.passes("ch01.bpe_train", reference_train_bpe)
+def test_train_bpe_right_answers_pass(exercise):
+    exercise.passes("ch01.train_bpe", train_bpe)
+    exercise.passes("ch01.train_bpe", reference_train_bpe)
 
 
 @pytest.mark.parametrize(
@@ -270,18 +270,18 @@ def test_bpe_train_right_answers_pass(exercise):
         (train_bpe_no_skip, "move past both of its tokens"),
     ],
 )
-def test_bpe_train_typical_mistakes_get_their_hint(answer, fragment, exercise):
-    exercise.fails("ch01.bpe_train", answer, "merge ", "the library learns", "Hint:", fragment)
+def test_train_bpe_typical_mistakes_get_their_hint(answer, fragment, exercise):
+    exercise.fails("ch01.train_bpe", answer, "merge ", "the library learns", "Hint:", fragment)
 
 
-def test_bpe_train_that_never_stops_names_the_input(exercise):
+def test_train_bpe_that_never_stops_names_the_input(exercise):
     exercise.fails(
-        "ch01.bpe_train", train_bpe_never_stops, "'x y x y x y'", "raised", "no pair is left"
+        "ch01.train_bpe", train_bpe_never_stops, "'x y x y x y'", "raised", "no pair is left"
     )
 
 
-def test_bpe_train_stub_is_not_attempted(exercise):
-    exercise.not_attempted("ch01.bpe_train", stub)
+def test_train_bpe_stub_is_not_attempted(exercise):
+    exercise.not_attempted("ch01.train_bpe", stub)
 
 
 def test_reference_bpe_loop_learns_the_library_merges_on_stories():

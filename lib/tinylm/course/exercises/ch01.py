@@ -221,8 +221,8 @@ _BPE_CASES = [
 ]
 
 
-@exercise("ch01.bpe_train", difficulty="core", title="The BPE training loop")
-def _check_bpe_train(answer: Any) -> str:
+@exercise("ch01.train_bpe", difficulty="core", title="The BPE training loop")
+def _check_train_bpe(answer: Any) -> str:
     name = getattr(answer, "__name__", "your function")
     for text, n in _BPE_CASES:
         chunks = text_chunks(text)
