@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tinylm.exercises import check, results
+from tinylm.course.exercises import check, results
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "classroom").glob("ch*_wrong_answers.py"))
 

@@ -97,7 +97,7 @@ def reference_causal_self_attention(attn: Any, x: Any, cos: Any, sin: Any) -> An
     """
     import torch.nn.functional as F
 
-    from tinylm.attention import apply_rope
+    from tinylm.layers import apply_rope
 
     B, T, C = x.shape
     H = attn.n_head
@@ -115,7 +115,7 @@ def _self_attention_variants(attn: Any, x: Any, cos: Any, sin: Any) -> list[tupl
     """What the typical mistakes compute, each with the hint that names it."""
     import torch
 
-    from tinylm.attention import apply_rope
+    from tinylm.layers import apply_rope
 
     B, T, C = x.shape
     H = attn.n_head
@@ -204,7 +204,7 @@ def random_attention_layer(n_embd: int, n_head: int, seed: int) -> Any:
     import torch
 
     from tinylm.attention import CausalSelfAttention
-    from tinylm.model import GPTConfig
+    from tinylm.config import GPTConfig
 
     config = GPTConfig(n_layer=1, n_head=n_head, n_embd=n_embd, vocab_size=256, context_length=64)
     layer = CausalSelfAttention(config, 0)
@@ -223,7 +223,7 @@ def random_attention_layer(n_embd: int, n_head: int, seed: int) -> Any:
 def _check_causal_self_attention(answer: Any) -> str:
     import torch
 
-    from tinylm.attention import rope_tables
+    from tinylm.layers import rope_tables
 
     cases = [(32, 4, 2, 7), (64, 8, 1, 12), (16, 1, 3, 5), (48, 3, 2, 9)]  # C, H, B, T
     name = getattr(answer, "__name__", "your function")

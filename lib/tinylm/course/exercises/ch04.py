@@ -137,7 +137,7 @@ def _attention_with_cache(
     import torch
     import torch.nn.functional as F
 
-    from tinylm.attention import apply_rope
+    from tinylm.layers import apply_rope
 
     B, T, C = x.shape
     H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
@@ -205,7 +205,8 @@ def _run_cached(step: Any, model: Any, ids: Any, chunks: list[int]) -> list[Any]
 def _random_gpt(seed: int, **shape: Any) -> Any:
     import torch
 
-    from tinylm.model import GPT, GPTConfig
+    from tinylm.config import GPTConfig
+    from tinylm.model import GPT
 
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=97, context_length=48, n_layer=2, n_embd=32, **shape))
