@@ -181,8 +181,10 @@ def _save_with_config(tmp_path, kind="llama", **config_changes):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"rope_scaling=.*'llama3'"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_scaling=.*'yarn'"),
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"rope_scaling=.*'linear'"),
+        (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), r"rope_parameters=.*'dyn"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"'llama3' scaling"),  # keys
         (dict(hidden_act="gelu"), r"hidden_act='gelu'"),
         (dict(attention_bias=True), r"attention_bias=true"),
         (dict(mlp_bias=True), r"mlp_bias=true"),
@@ -193,6 +195,54 @@ def _save_with_config(tmp_path, kind="llama", **config_changes):
 def test_unsupported_config_fields_are_refused(tmp_path, changes, message):
     with pytest.raises(HFImportError, match=message):
         load_hf(_save_with_config(tmp_path, **changes))
+
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # short, so the tiny model's pairs span all 3 bands
+}
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    reference = hf_model(rope_scaling=dict(LLAMA3))
+    reference.save_pretrained(tmp_path)
+    model, _ = load_hf(tmp_path)
+    assert model.config.rope_scaling == LLAMA3
+    ids = tokens(2, 40)
+    theirs = hf_logits(reference, ids)
+    assert_same_logits(our_logits(model, ids), theirs)
+    plain = GPT(GPTConfig(**(model.config.to_dict() | {"rope_scaling": None})))
+    plain.load_state_dict(model.state_dict())
+    assert (our_logits(plain.eval(), ids) - theirs).abs().max() > 1e-2  # the scaling matters
+    generated = generate(model, ids[0, :8].tolist(), 8, temperature=0)
+    assert generated == generate(model, ids[0, :8].tolist(), 8, temperature=0, use_cache=False)
+    # export: transformers reads the scaling back from our config.json
+    save_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert_same_logits(hf_logits(back, ids), theirs)
+
+
+def test_llama3_rope_scaling_in_the_numpy_port(tmp_path):
+    from tinylm.port import NumpyLM
+
+    hf_model(rope_scaling=dict(LLAMA3)).save_pretrained(tmp_path)
+    model, _ = load_hf(tmp_path)
+    ids = tokens(1, 40)
+    port = NumpyLM.from_model(model).logits(ids[0].numpy())
+    torch.testing.assert_close(torch.from_numpy(port), our_logits(model, ids)[0], atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_config_is_validated():
+    base = dict(vocab_size=VOCAB, n_layer=1, n_head=4, n_embd=32)
+    with pytest.raises(ValueError, match="only Llama 3's scaling"):
+        GPTConfig(**base, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="high_freq_factor must exceed"):
+        GPTConfig(**base, rope_scaling=LLAMA3 | {"high_freq_factor": 0.5})
+    config = GPTConfig(**base, rope_scaling=dict(LLAMA3))
+    assert GPTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_qwen2_biases_are_refused(tmp_path):

@@ -70,6 +70,9 @@ class GPTConfig:
     # numerics
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1+'s RoPE frequency scaling ({"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}); None = plain RoPE
+    rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -88,12 +91,35 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a number > 0, got {value!r}.")
+        self._check_rope_scaling()
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(
                 f"GPTConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}."
             )
         self._resolve_attention()
         self._resolve_mlp()
+
+    def _check_rope_scaling(self) -> None:
+        s = self.rope_scaling
+        if s is None:
+            return
+        keys = {"rope_type", "factor", "low_freq_factor", "high_freq_factor"}
+        keys.add("original_max_position_embeddings")
+        if not isinstance(s, dict) or s.get("rope_type") != "llama3" or set(s) != keys:
+            raise ValueError(
+                f"GPTConfig.rope_scaling={s!r}: only Llama 3's scaling is implemented, a dict "
+                f"with exactly the keys {sorted(keys)} and rope_type='llama3'; or use None."
+            )
+        for key in keys - {"rope_type"}:
+            value = s[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"GPTConfig.rope_scaling[{key!r}] must be > 0, got {value!r}.")
+        if s["high_freq_factor"] <= s["low_freq_factor"]:
+            raise ValueError(
+                "GPTConfig.rope_scaling: high_freq_factor must exceed low_freq_factor (the "
+                f"band between them is interpolated), got {s['high_freq_factor']} <= "
+                f"{s['low_freq_factor']}."
+            )
 
     def _resolve_attention(self) -> None:
         H, D = self.n_head, self.head_dim

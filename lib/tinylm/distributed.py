@@ -146,7 +146,7 @@ class ShardedGPT:
         self.w = state
         self.n_head, self.n_kv_head = config.n_head // world, config.n_kv_head // world
         self.rope_cos, self.rope_sin = rope_tables(
-            config.head_dim, config.context_length, config.rope_theta
+            config.head_dim, config.context_length, config.rope_theta, config.rope_scaling
         )
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

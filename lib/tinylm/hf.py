@@ -20,9 +20,10 @@ against transformers). A checkpoint in Meta's layout would need that permutation
 a Hugging Face folder and is not read here.
 
 What tinylm does not implement is refused with a message naming the config field and the
-fix, never silently ignored: rope_scaling, a sliding window shorter than the context,
-attention/MLP biases (Qwen2's q/k/v biases included), a head_dim other than
-hidden_size / num_attention_heads, an activation other than silu. Loading never runs pickled
+fix, never silently ignored: RoPE scaling other than Llama 3's ("llama3", supported), a
+sliding window shorter than the context, attention/MLP biases (Qwen2's q/k/v biases
+included), a head_dim other than hidden_size / num_attention_heads, an activation other
+than silu. Loading never runs pickled
 code: only safetensors are read (pytorch_model.bin is refused), and the memory the weights
 need is checked before anything is allocated.
 """
@@ -95,7 +96,7 @@ def _check_config(hf: dict[str, Any], source: str) -> None:
                 f"{source}: {field}=true, but tinylm's linear layers have no biases; fix: pick "
                 f"a model with {field}=false."
             )
-    _rope_theta(hf, source)  # refuses rope scaling
+    _rope(hf, source)  # refuses RoPE scalings tinylm lacks
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * heads != hidden:
@@ -106,20 +107,27 @@ def _check_config(hf: dict[str, Any], source: str) -> None:
         )
 
 
-def _rope_theta(hf: dict[str, Any], source: str) -> float:
-    """RoPE's base theta, from rope_theta + rope_scaling or (transformers 5) rope_parameters."""
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """(theta, GPTConfig.rope_scaling) from rope_theta + rope_scaling or (transformers 5)
+    rope_parameters. Plain RoPE and Llama 3's scaling are implemented; others are refused."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default":
-        field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-        raise HFImportError(
-            f"{source}: {field}={scaling} ({kind!r} scaling of the RoPE frequencies) is not "
-            "implemented in tinylm's rope_tables; fix: pick a model without RoPE scaling "
-            "(SmolLM2, TinyLlama, Llama 2), or add that scaling to "
-            "tinylm.attention.rope_tables and here."
-        )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    if kind == "llama3" and all(k in scaling for k in _LLAMA3_KEYS):
+        return theta, {"rope_type": "llama3", **{k: scaling[k] for k in _LLAMA3_KEYS}}
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    raise HFImportError(
+        f"{source}: {field}={scaling} ({kind!r} scaling of the RoPE frequencies) is not "
+        "implemented in tinylm (it has plain RoPE and Llama 3's 'llama3' scaling); fix: pick "
+        "a model with one of those (SmolLM2, TinyLlama, Llama 2, Llama 3.x), or add that "
+        "scaling to tinylm.layers.rope_tables and here."
+    )
 
 
 def _context_length(hf: dict[str, Any], context_length: int | None, source: str) -> int:
@@ -162,7 +170,8 @@ def config_from_hf(
         mlp="dense",
         mlp_hidden=hf["intermediate_size"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(hf, source),
+        rope_theta=_rope(hf, source)[0],
+        rope_scaling=_rope(hf, source)[1],
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
@@ -188,7 +197,7 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype, eos_token_id: int | None
         "max_position_embeddings": config.context_length,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": None if config.rope_scaling is None else dict(config.rope_scaling),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,

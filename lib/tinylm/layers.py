@@ -6,6 +6,9 @@ downward: config -> layers -> attention, moe -> model).
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,13 +49,33 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_tables(dim: int, length: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+def llama3_inv_freq(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Llama 3.1's RoPE frequency scaling, to stretch a model trained on short context.
+
+    With L = original_max_position_embeddings, a pair whose wavelength (2 pi / frequency)
+    is longer than L / low_freq_factor (it never completed a turn in training) is slowed
+    by `factor`; one shorter than L / high_freq_factor (many turns: local position) is kept;
+    in between, the two are blended linearly in L / wavelength.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(
+    dim: int, length: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None
+) -> tuple[Tensor, Tensor]:
     """Return the RoPE cos and sin tables, each [length, dim] in float32 (Llama / HF layout).
 
     Channel i and channel i + dim/2 form a pair rotated by angle pos * theta^(-2i/dim);
     the frequencies are repeated ("half-split") so a table row lines up with `rotate_half`.
+    scaling: GPTConfig.rope_scaling (Llama 3's frequency scaling) or None.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()

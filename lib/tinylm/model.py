@@ -89,7 +89,9 @@ class GPT(nn.Module):
         # RoPE angles for every position, computed once; a forward slices the rows it needs.
         # Not persistent: they are a function of the config, not learned state.
         rope_dim = config.rope_head_dim if config.attention == "mla" else config.head_dim
-        cos, sin = rope_tables(rope_dim, config.context_length, config.rope_theta)
+        cos, sin = rope_tables(
+            rope_dim, config.context_length, config.rope_theta, config.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()

@@ -53,12 +53,22 @@ def activation_names(n_layer: int) -> list[str]:
 # ----------------------------------------------------------------------------- numerics
 
 
-def rope_tables(dim: int, length: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(
+    dim: int, length: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """RoPE cos/sin tables [length, dim] in float32, the half-split layout of tinylm.attention.
 
     Channel i and channel i + dim/2 form a pair rotated by pos * theta^(-2i/dim).
+    scaling: Llama 3's frequency scaling (config "rope_scaling", see tinylm.layers) or None:
+    long wavelengths slowed by `factor`, short ones kept, the band between blended.
     """
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=F32) / F32(dim)))
+    if scaling is not None:
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * np.pi / inv_freq
+        ratio = scaling["original_max_position_embeddings"] / wavelen
+        smooth = np.clip((ratio - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / scaling["factor"] + smooth * inv_freq
     angles = np.outer(np.arange(length, dtype=F32), inv_freq.astype(F32))
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
@@ -815,7 +825,7 @@ class NumpyLM(CachedLM):
             cfg["rope_head_dim"] if cfg["attention"] == "mla" else cfg["n_embd"] // cfg["n_head"]
         )
         self.rope_cos, self.rope_sin = rope_tables(
-            rope_dim, cfg["context_length"], cfg["rope_theta"]
+            rope_dim, cfg["context_length"], cfg["rope_theta"], cfg.get("rope_scaling")
         )
         # The RoPE function of each layer: a slot so that tinylm.port.parity.make_broken_port
         # can plant the classic porting bug (the other pairing convention) in one layer.
