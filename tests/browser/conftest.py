@@ -157,15 +157,59 @@ class LabServer:
             return ""
 
 
+def missing_prerequisite() -> str | None:
+    """Why the browser tests cannot run here (Chromium or Playwright missing), or None."""
+    if importlib.util.find_spec("playwright") is None:
+        return "browser tests need the playwright package: pip install playwright"
+    if not CHROMIUM.exists():
+        return (
+            f"browser tests need Chromium at {CHROMIUM}: apt-get install chromium "
+            "(or point TINYLM_CHROMIUM at another Chromium build)"
+        )
+    return None
+
+
 @pytest.fixture(scope="session")
 def browser_prerequisites() -> None:
     """Skip (or, with TINYLM_REQUIRE_BROWSER=1, fail) when Chromium or Playwright is missing."""
-    if importlib.util.find_spec("playwright") is None:
-        _unavailable("browser tests need the playwright package: pip install playwright")
-    if not CHROMIUM.exists():
-        _unavailable(
-            f"browser tests need Chromium at {CHROMIUM}: apt-get install chromium "
-            "(or point TINYLM_CHROMIUM at another Chromium build)"
+    reason = missing_prerequisite()
+    if reason is not None:
+        _unavailable(reason)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k / --deselect have chosen the items
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run each chapter once: leave out nbval's cells of the chapters the browser tests run.
+
+    A browser test executes its chapter from the first cell to the last in a fresh kernel
+    and fails on any error output, on a traceback in stderr and on any code cell that did not
+    run: everything nbval --nbval-lax asserts, and more (live widgets, a re-rendering main
+    experiment). So when a chapter's browser test is selected and will really run (Chromium
+    and Playwright are here, or TINYLM_REQUIRE_BROWSER makes their absence a failure), its
+    nbval items are deselected; otherwise (`-m "not browser"`, no Chromium, a notebook named
+    on the command line alone) nbval runs the chapter as before.
+    """
+    if missing_prerequisite() is not None and not REQUIRE_BROWSER:
+        return
+    in_browser = {
+        Path(item.callspec.params["notebook"]).resolve()
+        for item in items
+        if item.get_closest_marker("browser") is not None
+        and "notebook" in getattr(getattr(item, "callspec", None), "params", {})
+    }
+    if not in_browser:
+        return
+    kept, dropped = [], []
+    for item in items:
+        runs_in_browser = item.path.suffix == ".ipynb" and item.path.resolve() in in_browser
+        (dropped if runs_in_browser else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+        chapters = sorted({item.path.stem for item in dropped})
+        _REPORT.append(
+            f"nbval: {len(dropped)} notebook cells deselected; the browser tests run "
+            f"{len(chapters)} chapters ({', '.join(c[:2] for c in chapters)}) instead"
         )
 
 

@@ -13,6 +13,11 @@ for every cell to finish and then checks what the learner sees:
   Output widget shows a new rendering that differs from the default one, and the default
   rendering (ordinary cell outputs, see ``tinylm.widgets``) is blanked.
 
+Those checks include everything nbval (``--nbval-lax``) asserts of a chapter (each code
+cell runs, in order, in one fresh kernel, and none fails), so where a chapter's browser test
+runs, its nbval cells are deselected (see ``pytest_collection_modifyitems`` in conftest.py):
+each chapter is executed once per ``pytest``, not twice.
+
 They run as part of a plain ``pytest``; ``pytest -m browser`` runs only them, ``pytest -m
 "not browser"`` everything else. All chapters take about 7 minutes on two otherwise idle
 CPU cores, half of it chapter 03, which trains its model live; on a busy machine that
