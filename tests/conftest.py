@@ -21,6 +21,19 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m chooses the items
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every nbval item (a notebook cell) `notebook` and `slow`.
+
+    So `pytest -m "not slow"` is the fast local selection: unit tests only, no notebooks,
+    no browser.
+    """
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebook)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module on one CPU thread, then restore the setting (opt in with ``usefixtures``).

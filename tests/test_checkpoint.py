@@ -12,6 +12,9 @@ from tinylm.checkpoint import CheckpointError
 from tinylm.model import GPT, GPTConfig
 from tinylm.tokenizer import BPETokenizer
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXT = "once upon a time there was a tiny model.<|endoftext|>the tiny model liked to read.<|endoftext|>"
 
 

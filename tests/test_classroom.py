@@ -493,6 +493,7 @@ def _by_student(rows: list[GradeRow]) -> dict[str, list[GradeRow]]:
     return out
 
 
+@pytest.mark.slow
 def test_grading_table(graded):
     table = {
         s: [(r.exercise, r.status) for r in rows] for s, rows in _by_student(graded["rows"]).items()
@@ -507,6 +508,7 @@ def test_grading_table(graded):
     }
 
 
+@pytest.mark.slow
 def test_wrong_answers_are_reported_with_their_hints(graded):
     wrong: dict = {}
     exec(WRONG_ANSWERS.read_text(encoding="utf-8"), wrong)
@@ -515,11 +517,13 @@ def test_wrong_answers_are_reported_with_their_hints(graded):
         assert row.run == "completed"
 
 
+@pytest.mark.slow
 def test_student_edition_runs_headless_to_the_end(graded):
     for row in _by_student(graded["rows"])["carol"]:
         assert row.run == "completed" and "not attempted" in row.message
 
 
+@pytest.mark.slow
 def test_a_crash_stops_only_its_own_notebook(graded):
     rows = _by_student(graded["rows"])
     for row in rows["dave"][1:]:
@@ -527,6 +531,7 @@ def test_a_crash_stops_only_its_own_notebook(graded):
     assert all(r.run == "completed" for r in rows["alice"])
 
 
+@pytest.mark.slow
 def test_a_looping_notebook_is_stopped_and_its_kernel_killed(graded):
     rows = _by_student(graded["rows"])["erin"]
     assert all(r.run.startswith("timeout") for r in rows)
@@ -540,6 +545,7 @@ def test_a_looping_notebook_is_stopped_and_its_kernel_killed(graded):
         assert "zombie" in status.read_text()
 
 
+@pytest.mark.slow
 def test_a_notebook_cannot_touch_files_outside_its_working_copy(graded):
     rows = _by_student(graded["rows"])["frank"]
     assert all("PermissionError" in r.message for r in rows)
@@ -547,6 +553,7 @@ def test_a_notebook_cannot_touch_files_outside_its_working_copy(graded):
     assert (graded["data"] / "checkpoints" / "sentinel.txt").read_text() == "checkpoint"
 
 
+@pytest.mark.slow
 def test_grades_csv_matches_the_table(graded):
     with open(graded["root"] / "grades.csv", encoding="utf-8", newline="") as f:
         read = list(csv.DictReader(f))

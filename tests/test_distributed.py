@@ -117,6 +117,7 @@ def test_allreduce_bench_link_fit_recovers_a_line():
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_tp_workers_match_survive_a_kill_and_clean_up():
     model = tiny()
     want = [generate(model, p, 8, temperature=0) for p in PROMPTS]

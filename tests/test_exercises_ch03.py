@@ -16,6 +16,9 @@ from tinylm.exercises.ch03 import (
 )
 from tinylm.train import TrainConfig, lr_at
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ----------------------------------------------------------------- learner answers
 # The notebook's solutions (written independently of the references), then typical mistakes.
 

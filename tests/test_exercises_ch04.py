@@ -20,6 +20,9 @@ from tinylm.exercises.ch04 import (
 from tinylm.generate import generate
 from tinylm.model import GPTConfig, kv_cache_bytes_per_token
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ----------------------------------------------------------------- learner answers (fixtures)
 
 

@@ -27,6 +27,9 @@ from tinylm.model import (
 )
 from tinylm.train import RECIPES
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ----------------------------------------------------------------- learner answers (fixtures)
 
 

@@ -20,6 +20,9 @@ from tinylm.hf import HFImportError, HFTokenizer, bpe_to_hf, load_hf, save_hf
 from tinylm.model import GPT
 from tinylm.tokenizer import BPETokenizer
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 97

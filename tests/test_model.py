@@ -19,6 +19,9 @@ from tinylm.model import (
 )
 from tinylm.profile import flop_counter
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 61
 VARIANTS = {
     "mha": dict(attention="mha"),
@@ -292,6 +295,7 @@ def test_chunked_prefill_matches_full_recompute(variant, batch):
     close(torch.cat([first, second], dim=1)[pad_mask], full[pad_mask])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["mla", "mla-qlora"])
 @torch.no_grad()
 def test_mla_absorbed_path_equals_plain_path(variant):

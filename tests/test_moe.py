@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from tinylm.moe import MoE
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 C, E, K, H = 16, 8, 2, 12  # n_embd, n_experts, experts_per_token, expert_hidden
 
 MOE_FIELDS = dict(
@@ -156,6 +159,7 @@ def test_selection_uses_bias_but_gates_do_not():
     torch.testing.assert_close(gates2, chosen / chosen.sum(-1, keepdim=True))
 
 
+@pytest.mark.slow
 def test_bias_update_direction_and_balance():
     moe, x = skewed_moe(n_tokens=512, moe_bias_update_rate=0.02)
     moe.train()

@@ -57,6 +57,9 @@ from tinylm.quant_model import (
 )
 from tinylm.tokenizer import BPETokenizer
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FORMATS = [
     (bits, symmetric, granularity, group)
     for bits in (8, 4)
@@ -397,6 +400,7 @@ def test_every_scheme_runs_and_stays_close(scheme):
     assert qmodel.quant_scheme == scheme
 
 
+@pytest.mark.slow
 def test_finer_granularity_and_more_bits_give_smaller_errors():
     model = tiny_model(n_embd=128)  # inputs of 128 and 344: several groups per row
     x = tokens(model)

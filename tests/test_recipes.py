@@ -7,6 +7,9 @@ import torch
 
 from tinylm import recipes as R
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
+
 
 def test_recipe_data_uses_the_recipes_corpus_and_vocabulary(tiny_recipe):
     corpus, tokenizer, data = R.recipe_data("unit-test")

@@ -14,6 +14,9 @@ from tinylm.data import TokenSplits
 from tinylm.model import GPT, GPTConfig
 from tinylm.train import History, LivePlot, TrainConfig, TrainingDiverged, lr_at, train
 
+# Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 32
 # Timing fields differ between runs by nature; everything else in a record must not.
 TIMING = ("elapsed", "tokens_per_s")
@@ -120,6 +123,7 @@ def test_weight_decay_only_on_matrices_and_tied_weight_once():
 # --------------------------------------------------------------------------- the loop
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_bpb_and_records_every_step():
     records = []
     history = train(
@@ -150,6 +154,7 @@ def test_grad_norm_is_recorded_before_clipping():
     assert all(r["grad_norm"] > 1e-3 for r in history)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_history():
     a, b = tiny_model(), tiny_model()
     ha = train(a, learnable_splits(), small_config(), progress=False)
@@ -164,6 +169,7 @@ def test_same_seed_gives_identical_weights_and_history():
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)  # the seed picks the batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp", ["dense", "moe"])
 def test_resume_is_bit_identical(tmp_path, mlp):
     extra = (
@@ -203,6 +209,7 @@ def test_resume_is_bit_identical(tmp_path, mlp):
     assert checkpoint.load_train_state(tmp_path / "run")["step"] == 10
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     a, b = tiny_model(), tiny_model()
     train(a, learnable_splits(), small_config(), progress=False)
