@@ -11,6 +11,7 @@ from tinylm import checkpoint
 from tinylm.checkpoint import CheckpointError
 from tinylm.model import GPT, GPTConfig
 from tinylm.tokenizer import BPETokenizer
+from tinylm.util import sha256_file
 
 # Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -185,7 +186,7 @@ def _rewrite(path, name: str, text: str) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"][name] = {
         "bytes": (path / name).stat().st_size,
-        "sha256": checkpoint._sha256(path / name),
+        "sha256": sha256_file(path / name),
     }
     (path / "manifest.json").write_text(json.dumps(manifest))
 

@@ -23,7 +23,6 @@ as it was; the manifest catches anything that was damaged afterwards (a truncate
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from tinylm.util import sha256_file
 
 FORMAT = "tinylm-checkpoint"
 VERSION = 1
@@ -102,7 +103,7 @@ def save(
             "format": FORMAT,
             "version": VERSION,
             "files": {
-                name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                 for name in files
             },
         }
@@ -199,14 +200,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(text + "\n", encoding="utf-8")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -273,7 +266,7 @@ def verify(directory: str | os.PathLike) -> dict:
                 f"{path} is {size} bytes but the manifest records {entry['bytes']}: the file is {what}. "
                 "Fix: copy the checkpoint folder again, or delete it to retrain."
             )
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise CheckpointError(
                 f"{path} has the right size but its SHA-256 differs from the manifest: the file was "
                 "corrupted or edited after saving. Fix: copy the checkpoint folder again, or delete it to retrain."

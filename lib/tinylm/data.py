@@ -31,6 +31,7 @@ import torch
 from tinylm import stories
 from tinylm.paths import cache_dir
 from tinylm.stories import StoryGrammar, generate_stories, story_log2prob
+from tinylm.util import atomic_write, sha256_file
 
 __all__ = [
     "CORPORA",
@@ -131,8 +132,8 @@ def load_stories(
             "total_bits": total_bits,
             "entropy_bits_per_byte": entropy,
         }
-        _atomic_write(text_path, data)
-        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())  # last: marks complete
+        atomic_write(text_path, data)
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())  # last: marks complete
     return Corpus("stories", text, entropy, source)
 
 
@@ -151,18 +152,6 @@ def _read_cached_text(text_path: Path, meta_path: Path) -> tuple[str, dict] | No
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         return None
     return data.decode("utf-8"), meta
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary data files
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,14 +178,6 @@ CORPORA: dict[str, RemoteText] = {
         description="tiny Shakespeare (Karpathy's char-rnn): 40,000 lines of the plays",
     ),
 }
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(url: str, sha256: str, dest: str | os.PathLike, timeout: float = 30.0) -> Path:
@@ -241,7 +222,7 @@ def _load_remote(name: str, timeout: float = 30.0) -> Corpus:
     """A corpus from CORPORA: verify the cached copy, or download it."""
     remote = CORPORA[name]
     path = cache_dir() / remote.filename
-    if path.exists() and (actual := _sha256_file(path)) != remote.sha256:
+    if path.exists() and (actual := sha256_file(path)) != remote.sha256:
         path.unlink()
         warnings.warn(
             f"{path} did not match its checksum (expected SHA-256 {remote.sha256}, got "

@@ -41,13 +41,14 @@ import heapq
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from tinylm.util import atomic_write
 
 EOT = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (EOT,)
@@ -490,19 +491,7 @@ class BPETokenizer:
         merges = "".join(f"\n    [{a}, {b}]," for a, b in self._merges).rstrip(",")
         head = json.dumps({k: v for k, v in d.items() if k != "merges"}, indent=2)[:-2]
         text = f'{head},\n  "merges": [{merges}\n  ]\n}}\n'
-        # Write a temporary file next to the target, then rename it over the
-        # target: os.replace is atomic, so readers see the old or the new file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, text)  # readers see the old file or the new one, never half
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:

@@ -1,7 +1,14 @@
-"""Small helpers that several tinylm modules share (one home each)."""
+"""Small helpers that several tinylm modules share (one home each): notebooks, files.
+
+Plain Python only (no torch), so the torch-free NumPy runtime can use them too.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 
@@ -20,3 +27,37 @@ def kernel_shell() -> Any:
 def in_notebook() -> bool:
     """True inside a Jupyter kernel (including a headless one run by nbval/nbclient)."""
     return kernel_shell() is not None
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` so that readers see the old file or the new one, never half.
+
+    The bytes go to a temporary file next to the target, are flushed to disk, then renamed
+    over the target (os.replace is atomic). On any failure the temporary file is removed.
+    The file gets ordinary permissions (0o644; mkstemp would leave it private).
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

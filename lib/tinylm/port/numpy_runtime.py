@@ -24,7 +24,6 @@ This module must never import torch (tests check it in a fresh interpreter): it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tinylm.util import sha256_file
 
 F32 = np.float32
 
@@ -525,14 +526,6 @@ class Block:
 # ----------------------------------------------------------------------------- checkpoint files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_files(directory: Path, names: Sequence[str]) -> None:
     """Check `names` in a checkpoint folder against its manifest.json (size and SHA-256).
 
@@ -550,7 +543,7 @@ def verify_files(directory: Path, names: Sequence[str]) -> None:
         entry, path = files.get(name), directory / name
         if entry is None or not path.is_file():
             continue  # absence of a needed file is reported by the reader
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise ValueError(
                 f"{path} does not match manifest.json (size or SHA-256 differs): the file was "
                 "truncated, corrupted or edited after saving. Fix: copy the checkpoint again."

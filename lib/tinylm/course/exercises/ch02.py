@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import call, check_cases, exercise, expect_close, is_close
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
@@ -19,13 +19,6 @@ from tinylm.course.exercises.core import call, check_cases, exercise, expect_clo
 
 def _ratio(got: Any, expected: Any) -> float:
     return float(got) / float(expected) if expected else math.nan
-
-
-def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=rel)
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -67,7 +60,7 @@ def _block_params_hint(got: Any, expected: Any, args: Any) -> str:
         (attention + mlp + 4 * C, "RMSNorm has only a scale (no bias, unlike LayerNorm)"),
     ]
     for value, hint in mistakes:
-        if _close(got, value):
+        if is_close(got, value):
             return hint
     return "attention 4·C² + SwiGLU 3·C·hidden + two RMSNorm weights 2·C"
 
@@ -304,13 +297,13 @@ def _forward_flops_mistakes(config: Any, context: int) -> list[tuple[float, str]
 
 def _forward_flops_hint(got: Any, expected: Any, args: Any) -> str:
     config, context = args
-    if config.tie_embeddings and _close(got, expected - 2 * config.n_embd * config.vocab_size):
+    if config.tie_embeddings and is_close(got, expected - 2 * config.n_embd * config.vocab_size):
         return (
             "with tie_embeddings=True the head shares its weights with the embedding, but "
             "the head's matmul still runs for every token"
         )
     for value, hint in _forward_flops_mistakes(config, context):
-        if _close(got, value):
+        if is_close(got, value):
             return hint
     return "2 × (layers × (4·C² + 3·C·hidden + 2·context·C) + C·vocab)"
 

@@ -11,17 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, is_close
 
 # torch and tinylm.train are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
-
-
-def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=rel)
-    except (TypeError, ValueError):
-        return False
 
 
 def _describe(value: Any) -> str:
@@ -43,13 +36,13 @@ def reference_uniform_loss(vocab_size: int) -> float:
 
 def _uniform_hint(got: Any, expected: Any, args: Any) -> str | None:
     V = args
-    if _close(got, math.log2(V)):
+    if is_close(got, math.log2(V)):
         return "that is in bits (log2); PyTorch's cross_entropy uses the natural log (nats)"
-    if _close(got, math.log10(V)):
+    if is_close(got, math.log10(V)):
         return "use the natural logarithm, math.log"
-    if _close(got, 1 / V):
+    if is_close(got, 1 / V):
         return "1/V is the probability of each token; the loss is -log of that probability"
-    if _close(got, -math.log(V)):
+    if is_close(got, -math.log(V)):
         return "the loss is -log p = -log(1/V), a positive number"
     return "every token has p = 1/V, and the loss is -log p averaged over tokens"
 
@@ -91,7 +84,7 @@ _LR_CASES = [
 def _lr_hint(got: Any, expected: Any, args: Any) -> str | None:
     step, steps, lr, min_lr, warmup = args
     if warmup and step < warmup:
-        if _close(got, lr * step / warmup):
+        if is_close(got, lr * step / warmup):
             return (
                 "during warm-up use (step + 1) / warmup_steps: update 0 must already move the "
                 "weights, and update warmup_steps - 1 reaches the peak"
@@ -99,14 +92,14 @@ def _lr_hint(got: Any, expected: Any, args: Any) -> str | None:
         return "warm-up rises linearly: lr * (step + 1) / warmup_steps"
     span = steps - 1 - warmup
     progress = (step - warmup) / span if span > 0 else 1.0
-    if span + 1 > 0 and _close(got, min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (span + 1))) * (lr - min_lr)):  # fmt: skip
+    if span + 1 > 0 and is_close(got, min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (span + 1))) * (lr - min_lr)):  # fmt: skip
         return (
             "the decay should reach min_lr exactly at the last update, step = steps - 1: "
             "progress = (step - warmup_steps) / (steps - 1 - warmup_steps)"
         )
-    if _close(got, 0.5 * (1 + math.cos(math.pi * progress)) * lr):
+    if is_close(got, 0.5 * (1 + math.cos(math.pi * progress)) * lr):
         return "the cosine decays from lr to min_lr, not to 0: min_lr + 0.5 (1 + cos) (lr - min_lr)"
-    if _close(got, lr - progress * (lr - min_lr)):
+    if is_close(got, lr - progress * (lr - min_lr)):
         return "that is a linear decay; use 0.5 * (1 + cos(pi * progress))"
     return "after warm-up: min_lr + 0.5 * (1 + cos(pi * progress)) * (lr - min_lr)"
 

@@ -20,17 +20,11 @@ from tinylm.course.exercises.core import (
     exercise,
     expect_close,
     expect_equal,
+    is_close,
 )
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
-
-
-def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=rel)
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -67,7 +61,7 @@ def _kv_bytes_hint(got: Any, expected: Any, args: Any) -> str:
         (expected / context, "the cache holds every token of the context: multiply by context"),
     ]
     for value, hint in mistakes:
-        if value != expected and _close(got, value):
+        if value != expected and is_close(got, value):
             return hint
     return "2 (K and V) × n_layer × n_kv_head × head_dim × bytes_per_element × context × batch"
 
@@ -475,7 +469,7 @@ def _decode_bound_hint(got: Any, expected: Any, args: Any) -> str:
         ),
     ]
     for value, hint in mistakes:
-        if not _close(value, expected) and _close(got, value):
+        if not is_close(value, expected) and is_close(got, value):
             return hint
     return "batch_size × bandwidth / (weight_bytes + batch_size × context × kv_bytes_per_token)"
 

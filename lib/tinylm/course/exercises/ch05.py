@@ -11,26 +11,18 @@ hint names the mistake it recognised.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, is_close
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
 
 
-def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=rel)
-    except (TypeError, ValueError):
-        return False
-
-
 def _first_match(got: Any, expected: Any, mistakes: list[tuple[Any, str]]) -> str | None:
     """The hint of the first typical mistake whose value `got` equals (and `expected` not)."""
     for value, hint in mistakes:
-        if not _close(value, expected) and _close(got, value):
+        if not is_close(value, expected) and is_close(got, value):
             return hint
     return None
 
@@ -190,7 +182,7 @@ def _moe_hint(got: Any, expected: Any, args: Any) -> str:
     except (TypeError, ValueError, IndexError, KeyError):
         return "return a pair (total, active), e.g. `return total, active`"
     for (t, a), hint in pairs:
-        if (t, a) != (total, active) and _close(got_pair[0], t) and _close(got_pair[1], a):
+        if (t, a) != (total, active) and is_close(got_pair[0], t) and is_close(got_pair[1], a):
             return hint
     return (
         "total = n_embd × n_experts + (n_experts + n_shared_experts) × 3 × n_embd × expert_hidden; "
@@ -234,7 +226,7 @@ def _check_moe_layer_params(answer: Any) -> str:
                 f"{what} returned {got!r}; expected a pair (total, active)",
                 hint="return both numbers: `return total, active`",
             )
-        if not (_close(pair[0], expected[0], 1e-9) and _close(pair[1], expected[1], 1e-9)):
+        if not (is_close(pair[0], expected[0], 1e-9) and is_close(pair[1], expected[1], 1e-9)):
             raise Fail(
                 f"{what} gave (total, active) = ({_num(pair[0])}, {_num(pair[1])}); expected "
                 f"({expected[0]:,}, {expected[1]:,})",

@@ -15,16 +15,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, is_close
 
 # Plain arithmetic only: listing the exercises should not pay for importing torch.
-
-
-def _close(a: Any, b: float, rel: float = 1e-6) -> bool:
-    try:
-        return math.isclose(float(a), b, rel_tol=rel)
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -41,13 +34,13 @@ def reference_decode_intensity(n_params: float, batch: int, bytes_per_weight: fl
 
 def _intensity_hint(got: Any, expected: float, args: Any) -> str | None:
     n_params, batch, bpw = args
-    if _close(got, expected / 2):
+    if is_close(got, expected / 2):
         return "count 2 FLOPs per weight per token: a multiply and an add"
-    if _close(got, expected / batch):
+    if is_close(got, expected / batch):
         return "every token of the batch uses the same weights: FLOPs grow with the batch, bytes do not"
-    if _close(got, 2.0 * batch * bpw):
+    if is_close(got, 2.0 * batch * bpw):
         return "divide by the bytes per weight (a bf16 weight is 2 bytes), do not multiply"
-    if _close(got, 2.0 * n_params * batch):
+    if is_close(got, 2.0 * n_params * batch):
         return "that is the FLOPs; divide by the bytes read (n_params * bytes_per_weight)"
     return None
 
@@ -83,13 +76,13 @@ def reference_decode_step_seconds(
 
 def _step_hint(got: Any, expected: float, args: Any) -> str | None:
     wb, kv, ctx, batch, gbps = args
-    if _close(got, expected * 1e9):
+    if is_close(got, expected * 1e9):
         return "bandwidth_gbps is in GB/s: multiply by 1e9 to get bytes per second"
-    if _close(got, wb / (gbps * 1e9)):
+    if is_close(got, wb / (gbps * 1e9)):
         return "add the KV cache: every step reads the keys and values of all earlier tokens"
-    if _close(got, (wb + ctx * kv) / (gbps * 1e9)):
+    if is_close(got, (wb + ctx * kv) / (gbps * 1e9)):
         return "each sequence in the batch has its own KV cache: multiply it by the batch"
-    if _close(got, batch * (wb + ctx * kv) / (gbps * 1e9)):
+    if is_close(got, batch * (wb + ctx * kv) / (gbps * 1e9)):
         return "the weights are read once per step for the whole batch, not once per sequence"
     return None
 
@@ -112,11 +105,11 @@ def reference_usd_per_million_tokens(tokens_per_second: float, usd_per_hour: flo
 
 def _usd_hint(got: Any, expected: float, args: Any) -> str | None:
     tps, usd = args
-    if _close(got, expected * 3600):
+    if is_close(got, expected * 3600):
         return "the price is per HOUR: divide it by 3600 to get dollars per second"
-    if _close(got, expected / 1e6):
+    if is_close(got, expected / 1e6):
         return "that is dollars per token; the question asks per million tokens"
-    if _close(got, usd * tps / 3600 * 1e6) or _close(got, usd * tps):
+    if is_close(got, usd * tps / 3600 * 1e6) or is_close(got, usd * tps):
         return "more tokens per second should make a token cheaper: divide by the throughput"
     return None
 
@@ -150,13 +143,13 @@ def reference_compute_bound_batch(
 def _batch_hint(got: Any, expected: int, args: Any) -> str | None:
     tflops, gbps, bpw = args
     ridge = tflops * 1e12 / (gbps * 1e9)
-    if _close(got, ridge * bpw / 2) and not _close(got, expected):
+    if is_close(got, ridge * bpw / 2) and not is_close(got, expected):
         return "a batch is a whole number of sequences: round UP (math.ceil)"
-    if _close(got, math.ceil(ridge)) or _close(got, ridge):
+    if is_close(got, math.ceil(ridge)) or is_close(got, ridge):
         return "the ridge point is in FLOPs per byte; a batch of B gives 2B / bytes_per_weight"
-    if _close(got, math.ceil(ridge * bpw)):
+    if is_close(got, math.ceil(ridge * bpw)):
         return "each token does 2 FLOPs per weight: divide by 2"
-    if _close(got, math.ceil(tflops / gbps * bpw / 2)):
+    if is_close(got, math.ceil(tflops / gbps * bpw / 2)):
         return "TFLOPS are 1e12 and GB/s 1e9: the units differ by 1000"
     return None
 

@@ -317,6 +317,17 @@ def call(answer: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+def is_close(a: Any, b: Any, rel: float = 1e-6, abs_tol: float = 0.0) -> bool:
+    """True if a and b are numbers within `rel` (relative) or `abs_tol`; False for non-numbers.
+
+    For telling a typical mistake's value apart in a hint; `expect_close` is the check itself.
+    """
+    try:
+        return math.isclose(float(a), float(b), rel_tol=rel, abs_tol=abs_tol)
+    except (TypeError, ValueError):
+        return False
+
+
 def _to_numpy(value: Any) -> Any:
     import numpy as np
 
