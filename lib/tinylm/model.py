@@ -94,6 +94,8 @@ class GPT(nn.Module):
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # What new_cache builds: the float KVCache, or another KVCache class (int8, ...).
+        self.kv_cache_class: type[KVCache] = KVCache
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -189,10 +191,13 @@ class GPT(nn.Module):
         max_len: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        cache_class: type[KVCache] | None = None,
     ) -> KVCache:
         """Preallocate a KV cache for `batch_size` sequences of up to `max_len` tokens.
 
-        Defaults: max_len = context_length, dtype and device of the model's weights.
+        Defaults: max_len = context_length, dtype and device of the model's weights, and the
+        cache class `self.kv_cache_class` (KVCache; tinylm.quant.set_kv_cache(model, "int8")
+        makes it the int8 cache, so every caller of new_cache, generate included, gets that).
         """
         ctx = self.config.context_length
         max_len = ctx if max_len is None else max_len
@@ -203,9 +208,10 @@ class GPT(nn.Module):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        weight = self.lm_head.weight
+        weight = self.tok_emb.weight  # always float, even in a model with a quantised head
         shapes = [block.attn.cache_shapes() for block in self.blocks]
-        return KVCache(batch_size, max_len, shapes, dtype or weight.dtype, device or weight.device)
+        cls = cache_class or self.kv_cache_class
+        return cls(batch_size, max_len, shapes, dtype or weight.dtype, device or weight.device)
 
     def set_mla_absorb(self, absorb: bool = True) -> None:
         """Switch every MLA layer to the absorbed (latent-space) formulation, or back."""

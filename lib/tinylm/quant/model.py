@@ -3,7 +3,7 @@
     qmodel = quantize_model(model, "int4-g32")            # a quantised deep copy
     model_nbytes(qmodel) / model_nbytes(model)             # ~0.3 with a float head/embedding
     save_quantized("out/q4", qmodel, tokenizer); load_quantized("out/q4")
-    set_kv_cache(qmodel, "int8")                           # model.new_cache -> Int8KVCache
+    set_kv_cache(qmodel, "int8")                           # model.new_cache builds Int8KVCache
 
 The tensor-level pieces (formats, packing, QuantLinear) live in `tinylm.quant.rtn`; GPTQ in
 `tinylm.quant.calibrate`.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -294,31 +293,19 @@ def new_int8_cache(
     device: torch.device | str | None = None,
 ) -> Int8KVCache:
     """An Int8KVCache for `model`, with the arguments and defaults of GPT.new_cache."""
-    ctx = model.config.context_length
-    max_len = ctx if max_len is None else max_len
-    if not 1 <= max_len <= ctx:
-        raise ValueError(
-            f"max_len={max_len} must be between 1 and context_length={ctx}; lower max_len."
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    ref = model.tok_emb.weight  # always float; its dtype/device are the model's
-    shapes = [block.attn.cache_shapes() for block in model.blocks]
-    return Int8KVCache(batch_size, max_len, shapes, dtype or ref.dtype, device or ref.device)
+    return model.new_cache(batch_size, max_len, dtype, device, cache_class=Int8KVCache)
 
 
 def set_kv_cache(model: nn.Module, kind: str = "int8") -> nn.Module:
-    """Make model.new_cache(...) return an int8 cache ("int8") or the float one ("float").
+    """Choose what model.new_cache(...) builds: the int8 cache ("int8") or the float one ("float").
 
-    Installs an instance attribute that shadows GPT.new_cache, so every caller of
-    model.new_cache (tinylm.generate included) gets the int8 cache with no change. In place.
+    Sets model.kv_cache_class, so every caller of model.new_cache (tinylm.generate included)
+    gets that cache with no change. In place; returns the model.
     """
-    if kind == "int8":
-        model.new_cache = types.MethodType(new_int8_cache, model)
-    elif kind == "float":
-        model.__dict__.pop("new_cache", None)
-    else:
+    classes = {"int8": Int8KVCache, "float": KVCache}
+    if kind not in classes:
         raise ValueError(f"kind must be 'int8' or 'float', got {kind!r}.")
+    model.kv_cache_class = classes[kind]
     return model
 
 
