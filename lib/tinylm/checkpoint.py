@@ -31,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from tinylm.config import GPTConfig
+from tinylm.device import pick_device
+from tinylm.model import GPT
+from tinylm.tokenizer import BPETokenizer
 from tinylm.util import sha256_file
 
 FORMAT = "tinylm-checkpoint"
@@ -284,22 +288,15 @@ def load(
     found by tinylm.device.pick_device, which honours $TINYLM_DEVICE).
     tokenizer is None when the checkpoint has no tokenizer.json.
     """
-    # Imported here so that this module stays importable on its own (and cheap to import).
-    from tinylm.model import GPT
-
     directory = Path(directory)
     manifest = verify(directory)
     config = _read_config(directory)
     model = GPT(config)
     load_weights(directory, model, _verified=manifest)
-    from tinylm.device import pick_device
-
     model.to(pick_device(device) if device is None or isinstance(device, str) else device)
     model.eval()
     tokenizer = None
     if TOKENIZER in manifest["files"]:
-        from tinylm.tokenizer import BPETokenizer
-
         tokenizer = BPETokenizer.load(directory / TOKENIZER)
     meta = _read_json(directory / META) if META in manifest["files"] else {}
     return model, tokenizer, meta
@@ -313,8 +310,6 @@ def load_config(directory: str | os.PathLike) -> Any:
 
 
 def _read_config(directory: Path) -> Any:
-    from tinylm.model import GPTConfig
-
     path = directory / CONFIG
     if not path.is_file():
         raise FileNotFoundError(
@@ -426,8 +421,6 @@ def load_train_state(
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and header metadata; turn parse errors into a message naming the file."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -29,13 +29,18 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from tinylm import generate as gen
 from tinylm.config import GPTConfig
 from tinylm.costs import ACTIVATION_BYTES, SUPPORTED_BITS, ModelShape, estimate
+from tinylm.course.plots import PALETTE, si
 from tinylm.device import describe_device, pick_device, synchronize
 from tinylm.hardware import Chip, this_machine
+from tinylm.model import flops_per_token
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -271,8 +276,6 @@ def _runner(model: Any) -> _Runner:
     `new_cache(batch, max_len)` and `forward(ids [B, T] int64 array, cache=)` -> logits
     [B, T, V], with `vocab_size` and `context_length` attributes.
     """
-    from tinylm import generate as gen
-
     if isinstance(model, torch.nn.Module) and hasattr(model, "new_cache"):
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
@@ -489,9 +492,6 @@ def op_breakdown(
     in the aten::mm it calls.
     On an accelerator, device (kernel) time is recorded too and the shares use it.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    from tinylm import generate as gen
 
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}.")
@@ -582,9 +582,7 @@ def plot_op_breakdown(
     rows: Sequence[OpRow], top: int = 10, ax: Any = None, title: str | None = None
 ) -> Figure:
     """Horizontal bars of each operator's share (largest on top); returns the figure."""
-    import matplotlib.pyplot as plt
-
-    from tinylm.course.plots import PALETTE
+    import matplotlib.pyplot as plt  # lazy: pyplot is heavy, and only plotting needs it
 
     rows = sorted(rows, key=lambda r: -r.share)
     if len(rows) > top:
@@ -756,8 +754,6 @@ def peak_memory(
         synchronize(dev)
         return max(0, acc.max_memory_allocated(dev) - before)
 
-    import psutil
-
     process = psutil.Process()
     baseline = peak = process.memory_info().rss
     done = threading.Event()
@@ -842,8 +838,6 @@ class Roofline:
 def _machine_chip(flops: float, bandwidth: float, int8_ops: float | None) -> Chip:
     memory_gb = None
     try:
-        import psutil
-
         memory_gb = psutil.virtual_memory().total / 1e9
     except ImportError:  # psutil is in requirements.txt, but this is only a nicety
         pass
@@ -977,8 +971,6 @@ def generation_points(
     sizes from the model's dtype unless given (pass weight_bytes=1 for an int8 model).
     Seconds: the record's medians (TTFT includes picking the first token).
     """
-    from tinylm.model import flops_per_token
-
     config = _model_config(model)
     B, T, n = record.batch, record.context, record.new_tokens
     wb = _element_bytes(model) if weight_bytes is None else weight_bytes
@@ -1019,9 +1011,7 @@ def plot_roofline(
     memory-bound, under the flat part compute-bound; the gap between a point and the roof
     above it is what the implementation leaves on the table (overheads, small matmuls).
     """
-    import matplotlib.pyplot as plt
-
-    from tinylm.course.plots import PALETTE, si
+    import matplotlib.pyplot as plt  # lazy: pyplot is heavy, and only plotting needs it
 
     if ax is None:
         _, ax = plt.subplots()

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from tinylm import checkpoint as ckpt
 from tinylm.course.plots import LivePlot  # noqa: F401  (re-exported: train(..., callback=LivePlot()))
@@ -479,8 +480,6 @@ def _diverged_message(step: int, what: str, value: float, lr: float, checkpoint_
 
 def _progress_bar(total: int, initial: int, enabled: bool):
     """A tqdm.auto bar (a widget in notebooks, text in a terminal); a silent stand-in if disabled."""
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=True
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import io
 import json
@@ -46,6 +47,11 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+from tinylm.course.exercises import list_exercises
 from tinylm.paths import REPO_ROOT, data_dir
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -235,8 +241,6 @@ def student_notebook(notebook: Any) -> Any:
     placeholder, and every cell loses its outputs, execution count and run metadata. The
     ``solution`` tags stay, so making a student edition of a student edition changes nothing.
     """
-    import copy
-
     nb = copy.deepcopy(notebook)
     nb.metadata.pop("widgets", None)  # saved widget state can show computed answers
     for index, cell in enumerate(nb.cells, start=1):
@@ -418,8 +422,6 @@ def make_student_edition(out_dir: Path, notebook_dir: Path = NOTEBOOK_DIR) -> St
     instructor's guide and any scratch files stay behind). Refuses to write into the
     source folder, which would replace the solutions.
     """
-    import nbformat
-
     notebook_dir, out_dir = Path(notebook_dir), Path(out_dir)
     if not notebook_dir.is_dir():
         raise FileNotFoundError(
@@ -746,8 +748,6 @@ def grade_rows(submission: Submission, outcome: RunOutcome) -> list[GradeRow]:
     that the notebook ended without checking them. Checks of other chapters' exercises
     found in the grade file are listed too.
     """
-    from tinylm.course.exercises import list_exercises
-
     latest: dict[str, dict[str, Any]] = {}
     for entry in outcome.grade_lines:
         latest.pop(entry["id"], None)  # keep the order of the last check
@@ -969,10 +969,6 @@ def _execute(notebook_name: str, result_name: str, timeout: float) -> int:
     Runs in the working copy (the current folder). The wall-clock limit covers kernel
     start and all cells: each cell may use what is left of it.
     """
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-
     deadline = time.monotonic() + timeout
     report: dict[str, Any] = {"status": "completed"}
     notebook = nbformat.read(notebook_name, as_version=4)

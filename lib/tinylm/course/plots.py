@@ -9,6 +9,7 @@ bytes) with SI prefixes; `bar_distribution` draws a probability distribution ove
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -91,7 +92,7 @@ def bar_distribution(
     ``probabilities`` may be a list, NumPy array or 1-D tensor; ``labels`` default to the
     indices. Returns the axes so the caller can add to them.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: pyplot is heavy, and only plotting needs it
 
     values = [float(p) for p in probabilities]
     names = [str(i) for i in range(len(values))] if labels is None else [str(s) for s in labels]
@@ -168,9 +169,7 @@ class LivePlot:
         return fig
 
     def _show(self) -> None:
-        import io
-
-        from IPython.display import Image, display
+        from IPython.display import Image, display  # lazy: only a live notebook draws
 
         buf = io.BytesIO()
         self.figure().savefig(buf, format="png", dpi=90)

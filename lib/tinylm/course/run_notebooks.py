@@ -18,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
+from nbclient import NotebookClient
+
 from tinylm.paths import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -37,9 +40,6 @@ def find_notebooks(prefixes: list[str] | None = None, folder: Path = NOTEBOOK_DI
 
 def execute_notebook(path: Path, timeout: int = 900) -> float:
     """Run one notebook in a fresh kernel, write it back with outputs, return seconds taken."""
-    import nbformat
-    from nbclient import NotebookClient
-
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook,

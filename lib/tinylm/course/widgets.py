@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import ipywidgets as widgets
+from IPython.display import display, update_display
+from IPython.utils.capture import capture_output
 
 from tinylm.util import kernel_shell
 
@@ -83,8 +85,6 @@ def _show_new_figures(before: set[int]) -> None:
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is None:
         return
-    from IPython.display import display
-
     for number in sorted(set(pyplot.get_fignums()) - before):
         figure = pyplot.figure(number)
         display(figure)
@@ -149,9 +149,6 @@ class Panel:
         if shell is None:  # plain Python or a test: just render (prints go to stdout)
             self._render()
             return
-        from IPython.display import display
-        from IPython.utils.capture import capture_output
-
         bundle = self.box._repr_mimebundle_()
         settings = ", ".join(f"{name}={_short(value)}" for name, value in self.values.items())
         bundle["text/plain"] = f"[interactive controls (live when run in Jupyter): {settings}]"
@@ -180,8 +177,6 @@ class Panel:
 
     def _rerender(self) -> None:
         if self._static_ids:
-            from IPython.display import update_display
-
             for display_id in self._static_ids:
                 update_display({"text/plain": ""}, raw=True, display_id=display_id)
             self._static_ids.clear()

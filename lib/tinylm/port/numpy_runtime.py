@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open  # the Rust reader; its NumPy front end needs no torch
 
+from tinylm.tokenizer import BPETokenizer  # pure Python, no torch
 from tinylm.util import sha256_file
 
 F32 = np.float32
@@ -556,8 +558,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     tinylm.checkpoint stores one copy of tied tensors and lists the aliases in the header
     metadata key "tinylm.tied" ({alias: source}).
     """
-    from safetensors import safe_open  # the Rust reader; its NumPy front end needs no torch
-
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing. Fix: point at a folder written by tinylm.checkpoint.save."
@@ -860,8 +860,6 @@ class NumpyLM(CachedLM):
         quant_layers = (meta.get("quantization") or {}).get("layers")
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
-            from tinylm.tokenizer import BPETokenizer  # pure Python, no torch
-
             tokenizer = BPETokenizer.load(directory / "tokenizer.json")
         return cls(config, weights, tokenizer, quantize, include_head, quant_layers)
 

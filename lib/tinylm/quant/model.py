@@ -21,9 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tinylm import checkpoint
 from tinylm.attention import KVCache
 from tinylm.config import kv_vectors_per_token
+from tinylm.model import GPT
+from tinylm.quant.calibrate import gptq_quantize_model
 from tinylm.quant.rtn import QuantLinear, check_format, compute_scale_zero, quantize_codes
+from tinylm.tokenizer import BPETokenizer
 
 # ----------------------------------------------------------------------------- whole models
 
@@ -122,8 +126,6 @@ def quantize_model(
     qmodel = copy.deepcopy(model).eval()
     targets = quantizable_linears(qmodel, include_head)
     if sch.method == "gptq":
-        from tinylm.quant.calibrate import gptq_quantize_model
-
         if calibration is None:
             raise ValueError(
                 "GPTQ needs calibration data: pass calibration=calibration_windows(tokens) "
@@ -175,8 +177,6 @@ def save_quantized(
     The packed buffers go to model.safetensors; the layer formats and the scheme go to
     meta.json under "quantization", from which load_quantized rebuilds the empty layers.
     """
-    from tinylm import checkpoint
-
     layers = {n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no QuantLinear layers; quantize_model it first.")
@@ -199,9 +199,6 @@ def load_quantized(
     then the packed weights are loaded and verified (names and shapes must match exactly).
     device: None keeps the CPU; pass e.g. tinylm.device.pick_device() to move it.
     """
-    from tinylm import checkpoint
-    from tinylm.model import GPT
-
     manifest = checkpoint.verify(directory)
     config = checkpoint.load_config(directory)
     meta = json.loads((Path(directory) / "meta.json").read_text(encoding="utf-8"))
@@ -226,8 +223,6 @@ def load_quantized(
     model.quant_scheme, model.quant_config = info.get("scheme"), info.get("config")
     tokenizer = None
     if "tokenizer.json" in manifest["files"]:
-        from tinylm.tokenizer import BPETokenizer
-
         tokenizer = BPETokenizer.load(Path(directory) / "tokenizer.json")
     if device is not None:
         model.to(device)
