@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
@@ -278,30 +279,42 @@ def _token_steps(
         model.train(was_training)
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `generate` and `stream` produce tokens (their keyword arguments, checked once).
+
+    See `generate` for what each field means.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    use_cache: bool = True
+    stop_token: int | None = None
+    sliding_window: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked up front, so errors appear at the call, not mid-stream.
+        _check_sampling(self.temperature, self.top_k, self.top_p)
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, Integral):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}.")
+        if n < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {n}.")
+        stop = self.stop_token
+        if stop is not None and (isinstance(stop, bool) or not isinstance(stop, Integral)):
+            raise ValueError(f"stop_token must be None or one token id (an int), got {stop!r}.")
+
+
 def _prepare(
-    model: GPT,
-    prompt_ids: Prompt,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
-    stop_token: int | None,
-    sliding_window: bool,
+    model: GPT, prompt_ids: Prompt, opts: GenerationOptions
 ) -> tuple[Tensor, Tensor | None, bool, Callable[[Tensor], Tensor]]:
-    """Check every argument up front (so errors appear at the call, not mid-stream)."""
-    _check_sampling(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    if stop_token is not None and (
-        isinstance(stop_token, bool) or not isinstance(stop_token, Integral)
-    ):
-        raise ValueError(f"stop_token must be None or one token id (an int), got {stop_token!r}.")
+    """The prompt as a left-padded batch, its mask, whether it was a batch, and the sampler."""
     idx, pad_mask, batched = _as_batch(model, prompt_ids)
-    ctx, T = model.config.context_length, idx.shape[1]
-    if sliding_window:
+    ctx, T, max_new_tokens = model.config.context_length, idx.shape[1], opts.max_new_tokens
+    if opts.sliding_window:
         idx = idx[:, -ctx:]  # the window would drop these first tokens anyway
         pad_mask = None if pad_mask is None else pad_mask[:, -ctx:]
     elif T + max_new_tokens > ctx:
@@ -317,9 +330,9 @@ def _prepare(
             f"{ctx} tokens (slower: past the window it recomputes instead of using the KV cache)."
         )
     generator = None
-    if seed is not None and temperature > 0:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
-    pick = lambda logits: _sample(logits, temperature, top_k, top_p, generator)
+    if opts.seed is not None and opts.temperature > 0:
+        generator = torch.Generator(device=idx.device).manual_seed(opts.seed)
+    pick = lambda logits: _sample(logits, opts.temperature, opts.top_k, opts.top_p, generator)
     return idx, pad_mask, batched, pick
 
 
@@ -341,10 +354,10 @@ def stream(
     for rows that have stopped. The stop token itself is not yielded. Arguments are checked
     at the call; the model is in eval mode while the stream is being consumed.
     """
-    idx, pad_mask, batched, pick = _prepare(
-        model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token,
-        sliding_window,
-    )  # fmt: skip
+    opts = GenerationOptions(
+        max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_token, sliding_window
+    )
+    idx, pad_mask, batched, pick = _prepare(model, prompt_ids, opts)
 
     def tokens() -> Iterator:
         done = [False] * idx.shape[0]
@@ -392,10 +405,10 @@ def generate(
         step recomputes the window from scratch: the cached keys/values were computed while
         the tokens that just left the window were still visible, so they are no longer valid.
     """
-    idx, pad_mask, batched, pick = _prepare(
-        model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token,
-        sliding_window,
-    )  # fmt: skip
+    opts = GenerationOptions(
+        max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_token, sliding_window
+    )
+    idx, pad_mask, batched, pick = _prepare(model, prompt_ids, opts)
     B = idx.shape[0]
     steps: list[Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
