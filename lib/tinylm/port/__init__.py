@@ -25,7 +25,7 @@ from typing import Any
 # name -> submodule that defines it; resolved lazily by __getattr__ (PEP 562).
 _EXPORTS = {
     "NumpyLM": "numpy_runtime",
-    "export_onnx": "onnx",
+    "export_onnx": "onnx_export",
     "OnnxLM": "onnx",
     "compare": "parity",
     "ParityReport": "parity",
