@@ -483,77 +483,35 @@ def compare(
         raise ValueError("give at least one non-empty prompt (a list of token ids).")
     if not rules:
         raise ValueError("give at least one Rule (e.g. VENDOR_RULE).")
+    if val_tokens is not None and bytes_per_token is None:
+        raise ValueError(
+            "val_tokens needs bytes_per_token to turn the loss into bits per byte; pass "
+            "e.g. splits.val_bytes_per_token from tinylm.data.prepare_tokens."
+        )
     config = ref.config if isinstance(ref.config, dict) else ref.config.to_dict()
-    order = activation_names(config["n_layer"])
 
-    stats: dict[str, dict[str, Any]] = {}
-    kls: list[np.ndarray] = []
-    top1: list[np.ndarray] = []
-    for p in prompts:
-        ref_acts = ref.trace(p) if _can_trace(ref) else {"logits": np.asarray(ref.logits(p))[None]}
-        port_acts = prt.trace(p) if _can_trace(prt) else {"logits": np.asarray(prt.logits(p))[None]}
-        for name in order:
-            if name not in ref_acts or name not in port_acts:
-                continue
-            a, b = np.asarray(ref_acts[name]), np.asarray(port_acts[name])
-            if a.shape != b.shape:
-                raise ValueError(
-                    f"activation {name!r}: reference shape {a.shape} but port shape {b.shape}; "
-                    "the port computes a different function (check its config)."
-                )
-            s = stats.setdefault(
-                name, {"shape": a.shape, "abs": 0.0, "rel": 0.0, "l2": 0.0, "cos": 1.0}
-            )
-            s["abs"] = max(s["abs"], max_abs_error(a, b))
-            s["rel"] = max(s["rel"], max_rel_error(a, b))
-            s["l2"] = max(s["l2"], relative_l2_error(a, b))
-            s["cos"] = min(s["cos"], cosine_similarity(a, b))
-            s["shape"] = a.shape if a.size > np.prod(s["shape"]) else s["shape"]
-        ref_logits, port_logits = ref_acts["logits"][0], np.asarray(port_acts["logits"])[0]
-        kls.append(kl_divergence(ref_logits, port_logits))
-        top1.append(ref_logits.argmax(-1) == port_logits.argmax(-1))
-
-    kl_all = np.concatenate(kls)
+    stats, kl_all, top1 = _compare_activations(ref, prt, prompts, config["n_layer"])
     layers = [
         LayerResult(
             name,
-            tuple(int(d) for d in s["shape"]),
-            s["abs"],
-            s["rel"],
-            s["l2"],
-            s["cos"],
-            {r.name: r.passes(s["cos"], s["abs"], s["l2"]) for r in rules},
+            s.shape,
+            s.max_abs,
+            s.max_rel,
+            s.rel_l2,
+            s.cosine,
+            {r.name: r.passes(s.cosine, s.max_abs, s.rel_l2) for r in rules},
             float(kl_all.mean()) if name == "logits" else None,
         )
         for name, s in stats.items()
     ]
-
     notes: list[str] = []
-    prefix = identical = None
-    n_new = 0
-    if greedy_tokens > 0:
-        longest = max(p.size for p in prompts)
-        n_new = min(greedy_tokens, config["context_length"] - longest)
-        if n_new > 0:
-            fractions = []
-            for p in prompts:
-                a, b = _greedy(ref, p.tolist(), n_new), _greedy(prt, p.tolist(), n_new)
-                same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), n_new)
-                fractions.append(same / n_new)
-            prefix = float(np.mean(fractions))
-            identical = float(np.mean([f == 1.0 for f in fractions]))
-        else:
-            notes.append("greedy decoding skipped: the longest prompt fills the context.")
+    n_new, prefix, identical = _greedy_agreement(
+        ref, prt, prompts, greedy_tokens, config["context_length"], notes
+    )
     if not (_can_trace(prt) and _can_trace(ref)):
         notes.append("no trace() on one side (see OnnxLM activations=True): logits compared only.")
-
     bpb_ref = bpb_port = None
     if val_tokens is not None:
-        if bytes_per_token is None:
-            raise ValueError(
-                "val_tokens needs bytes_per_token to turn the loss into bits per byte; pass "
-                "e.g. splits.val_bytes_per_token from tinylm.data.prepare_tokens."
-            )
         toks = np.asarray(val_tokens, dtype=np.int64).reshape(-1)
         ctx = config["context_length"]
         bpb_ref = _bits_per_byte(ref, toks, bytes_per_token, ctx, max_eval_tokens)
@@ -567,7 +525,7 @@ def compare(
         rules=tuple(rules),
         kl_mean=float(kl_all.mean()),
         kl_max=float(kl_all.max()),
-        top1_agreement=float(np.concatenate(top1).mean()),
+        top1_agreement=float(top1.mean()),
         greedy_tokens=n_new,
         greedy_prefix_agreement=prefix,
         greedy_identical=identical,
@@ -575,6 +533,70 @@ def compare(
         bpb_port=bpb_port,
         notes=notes,
     )
+
+
+@dataclass
+class ErrorStats:
+    """How far a port's activation is from the reference's: the worst case over prompts."""
+
+    shape: tuple[int, ...]
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    rel_l2: float = 0.0
+    cosine: float = 1.0
+
+    def update(self, ref: np.ndarray, port: np.ndarray) -> None:
+        """Fold in one prompt's pair of activations (keeping the worst of each measure)."""
+        self.max_abs = max(self.max_abs, max_abs_error(ref, port))
+        self.max_rel = max(self.max_rel, max_rel_error(ref, port))
+        self.rel_l2 = max(self.rel_l2, relative_l2_error(ref, port))
+        self.cosine = min(self.cosine, cosine_similarity(ref, port))
+        if ref.size > np.prod(self.shape):  # report the largest shape seen
+            self.shape = tuple(int(d) for d in ref.shape)
+
+
+def _compare_activations(
+    ref: Any, prt: Any, prompts: list[np.ndarray], n_layer: int
+) -> tuple[dict[str, ErrorStats], np.ndarray, np.ndarray]:
+    """Per named activation the worst-case errors; per position the KL and top-1 agreement."""
+    stats: dict[str, ErrorStats] = {}
+    kls: list[np.ndarray] = []
+    top1: list[np.ndarray] = []
+    for p in prompts:
+        ref_acts = ref.trace(p) if _can_trace(ref) else {"logits": np.asarray(ref.logits(p))[None]}
+        port_acts = prt.trace(p) if _can_trace(prt) else {"logits": np.asarray(prt.logits(p))[None]}
+        for name in activation_names(n_layer):
+            if name not in ref_acts or name not in port_acts:
+                continue
+            a, b = np.asarray(ref_acts[name]), np.asarray(port_acts[name])
+            if a.shape != b.shape:
+                raise ValueError(
+                    f"activation {name!r}: reference shape {a.shape} but port shape {b.shape}; "
+                    "the port computes a different function (check its config)."
+                )
+            stats.setdefault(name, ErrorStats(tuple(int(d) for d in a.shape))).update(a, b)
+        ref_logits, port_logits = ref_acts["logits"][0], np.asarray(port_acts["logits"])[0]
+        kls.append(kl_divergence(ref_logits, port_logits))
+        top1.append(ref_logits.argmax(-1) == port_logits.argmax(-1))
+    return stats, np.concatenate(kls), np.concatenate(top1)
+
+
+def _greedy_agreement(
+    ref: Any, prt: Any, prompts: list[np.ndarray], greedy_tokens: int, ctx: int, notes: list[str]
+) -> tuple[int, float | None, float | None]:
+    """(tokens decoded, mean fraction before the first divergence, fraction identical)."""
+    if greedy_tokens <= 0:
+        return 0, None, None
+    n_new = min(greedy_tokens, ctx - max(p.size for p in prompts))
+    if n_new <= 0:
+        notes.append("greedy decoding skipped: the longest prompt fills the context.")
+        return n_new, None, None
+    fractions = []
+    for p in prompts:
+        a, b = _greedy(ref, p.tolist(), n_new), _greedy(prt, p.tolist(), n_new)
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), n_new)
+        fractions.append(same / n_new)
+    return n_new, float(np.mean(fractions)), float(np.mean([f == 1.0 for f in fractions]))
 
 
 # ----------------------------------------------------------------------------- broken ports
