@@ -40,6 +40,7 @@ from tinylm.classroom import (
     student_notebook,
     write_csv,
 )
+from tinylm.course.grading import Verdict
 from tinylm.exercises import check, list_exercises
 
 CHAPTER_00 = NOTEBOOK_DIR / "00_why_inference.ipynb"
@@ -308,27 +309,28 @@ def test_find_submissions_layout_and_errors(tmp_path):
     ]
 
 
-def test_grade_rows_last_check_wins_and_unreached_exercises_are_not_run():
+def test_grade_rows_count_the_verdicts_and_only_show_what_the_kernel_reported():
     submission = Submission("alice", Path("alice/00_why_inference.ipynb"), "ch00")
-    lines = [
+    lines = [  # what the student's kernel wrote to the grade file: shown, never counted
         {"id": CH00[0], "status": "failed", "message": "first try"},
         {"id": CH00[0], "status": "passed", "message": "all 4 cases match"},
-        {"id": CH00[1], "status": "not_attempted", "message": "stub"},
-        {"id": "ch01.decode", "chapter": "ch01", "status": "passed", "message": "ok"},
+        {"id": CH00[1], "status": "passed", "message": "forged"},
     ]
     outcome = RunOutcome("error", "cell 12: ValueError: boom", 3.0, lines)
-    rows = grade_rows(submission, outcome)
-    statuses = [(r.exercise, r.status) for r in rows]
-    assert statuses == [
-        (CH00[0], "passed"),
-        (CH00[1], "not attempted"),
-        (CH00[2], "not run"),
-        (CH00[3], "not run"),
-        ("ch01.decode", "passed"),
+    verdicts = [
+        Verdict(CH00[0], "passed", "all 4 cases match", unseen=True),
+        Verdict(CH00[1], "not attempted", "stub"),
+        Verdict(CH00[2], "failed", "wrong"),
+        Verdict(CH00[3], "not run", "no check"),
     ]
-    assert "ValueError: boom" in rows[2].message and rows[2].run.startswith("error")
-    completed = grade_rows(submission, RunOutcome("completed", grade_lines=lines[:1]))
-    assert "ran to the end without checking" in completed[1].message
+    rows = grade_rows(submission, outcome, verdicts)
+    assert [(r.exercise, r.status, r.reported) for r in rows] == [
+        (CH00[0], "passed", "passed"),
+        (CH00[1], "not attempted", "passed"),
+        (CH00[2], "failed", ""),
+        (CH00[3], "not run", ""),
+    ]
+    assert rows[1].message == "stub" and rows[2].run == "error: cell 12: ValueError: boom"
 
 
 def test_table_and_csv(tmp_path):
@@ -414,7 +416,8 @@ def _first_code_index(notebook) -> int:
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    """Grade six chapter-00 submissions: correct, wrong, empty, crashing, malicious, looping."""
+    """Grade seven chapter-00 submissions: correct, wrong, empty, crashing, malicious, looping,
+    forging."""
     root = tmp_path_factory.mktemp("grading")
     subs, slow = root / "submissions", root / "slow"
     original = nbformat.read(CHAPTER_00, as_version=4)
@@ -464,7 +467,37 @@ def graded(tmp_path_factory):
             "while True:\n    time.sleep(0.2)"
         ),
     )
+    # Three ways to forge a perfect grade in the student's own kernel, on the student
+    # edition (stubs): a check that passes everything, replaced exercise and result
+    # registries, and a last cell appending "passed" records to the grade file named by an
+    # environment variable (its name split in pieces, so no review note flags it).
+    forged = student_notebook(original)
+    first = _first_code_index(forged) + 1
+    forged.cells.insert(
+        first,
+        new_code_cell(
+            "import tinylm.exercises as ex\nimport tinylm.exercises.core as core\n"
+            "core.list_exercises('ch00')\n"
+            "for i, e in list(core._REGISTRY.items()):\n"
+            "    core._REGISTRY[i] = core.Exercise(i, e.chapter, e.difficulty, e.title, lambda a: 'ok')\n"
+            "def check(exercise_id, answer):\n"
+            "    result = core.Result(exercise_id, 'ch00', 'core', 'passed', 'ok')\n"
+            "    core._RESULTS.append(result)\n"
+            "    core._append_to_grade_file(result)\n"
+            "    return True\n"
+            "ex.check = core.check = check\n"
+        ),
+    )
+    forged.cells.append(
+        new_code_cell(
+            "import json, os\nname = 'TINYLM_' + 'GRADE' + '_FILE'\n"
+            "with open(os.environ[name], 'a') as f:\n"
+            f"    for i in {CH00!r}:\n"
+            "        f.write(json.dumps({'id': i, 'status': 'passed', 'message': 'ok'}) + '\\n')\n"
+        )
+    )
     notebooks = {
+        subs / "mallory": forged,
         subs / "alice": original,
         subs / "bob": _replace_solutions(nbformat.read(CHAPTER_00, as_version=4), wrong),
         subs / "carol": empty,
@@ -502,10 +535,23 @@ def test_grading_table(graded):
         "alice": [(ex, "passed") for ex in CH00],
         "bob": [(ex, "failed") for ex in CH00],
         "carol": [(ex, "not attempted") for ex in CH00],
-        "dave": [(CH00[0], "passed")] + [(ex, "not run") for ex in CH00[1:]],
-        "frank": [(ex, "not run") for ex in CH00],
-        "erin": [(ex, "not run") for ex in CH00],
+        # graded from its solutions, although a cell after the first check crashed
+        "dave": [(ex, "passed") for ex in CH00],
+        "frank": [(ex, "not attempted") for ex in CH00],
+        "erin": [(ex, "not attempted") for ex in CH00],
+        "mallory": [(ex, "not attempted") for ex in CH00],
     }
+    for row in _by_student(graded["rows"])["alice"]:
+        assert "also on unseen inputs" in row.message  # inputs drawn at grading time
+
+
+def test_forged_grades_are_shown_but_never_counted(graded):
+    rows = _by_student(graded["rows"])["mallory"]
+    # The replaced check and registries and the forged grade file all said "passed" ...
+    assert all(r.run == "completed" and r.reported == "passed" for r in rows)
+    # ... the grader ran the answers itself and found stubs.
+    assert all(r.status == "not attempted" for r in rows)
+    assert all("mentions the grading machinery" in r.note for r in rows)
 
 
 @pytest.mark.slow
@@ -526,8 +572,8 @@ def test_student_edition_runs_headless_to_the_end(graded):
 @pytest.mark.slow
 def test_a_crash_stops_only_its_own_notebook(graded):
     rows = _by_student(graded["rows"])
-    for row in rows["dave"][1:]:
-        assert "ZeroDivisionError" in row.message and row.run.startswith("error: cell")
+    for row in rows["dave"]:
+        assert "ZeroDivisionError" in row.run and row.run.startswith("error: cell")
     assert all(r.run == "completed" for r in rows["alice"])
 
 
@@ -548,7 +594,7 @@ def test_a_looping_notebook_is_stopped_and_its_kernel_killed(graded):
 @pytest.mark.slow
 def test_a_notebook_cannot_touch_files_outside_its_working_copy(graded):
     rows = _by_student(graded["rows"])["frank"]
-    assert all("PermissionError" in r.message for r in rows)
+    assert all("PermissionError" in r.run for r in rows)
     assert (graded["outside"] / "sentinel.txt").read_text() == "keep me"
     assert (graded["data"] / "checkpoints" / "sentinel.txt").read_text() == "checkpoint"
 

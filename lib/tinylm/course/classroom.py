@@ -20,7 +20,10 @@ notebook runs in its own process, kernel and fresh working copy (a temporary fol
 holding the notebook and a copy of the instructor's data folder, which it reaches through
 ``TINYLM_DATA_DIR``), with a wall-clock limit; a notebook that crashes, loops or tries to
 delete files cannot stop the others or change the instructor's files (see `grade`). The
-results come from the ``TINYLM_GRADE_FILE`` that every ``check`` call appends to.
+verdicts do not come from that run: what the student's kernel reports can be forged by
+the student's code, so it is shown (column ``reported``) and never counted. Each
+exercise's answer is instead run in a fresh worker process and checked in the grader's
+own process, also on inputs drawn at grading time (`tinylm.course.grading`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,7 +54,17 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 from tinylm.course.exercises import list_exercises
+from tinylm.course.grading import (
+    EXERCISE_SECONDS,
+    GUARD_SOURCE,
+    Verdict,
+    answer_expressions,
+    grade_answers,
+    kill_session,
+)
 from tinylm.paths import REPO_ROOT, data_dir
+
+_GUARD_SOURCE = GUARD_SOURCE  # the kernel's guard (also installed in the grading worker)
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SOLUTION_TAG = "solution"
@@ -495,7 +507,12 @@ class RunOutcome:
 
 @dataclass(frozen=True)
 class GradeRow:
-    """One line of the grade table (and of the CSV)."""
+    """One line of the grade table (and of the CSV).
+
+    ``status`` and ``message`` are the grader's verdict (`tinylm.course.grading`);
+    ``reported`` is what the notebook's own check reported in the student's kernel: shown
+    for comparison, never counted (a difference is worth a look).
+    """
 
     student: str
     notebook: str
@@ -507,6 +524,7 @@ class GradeRow:
     run: str  # how the notebook run ended: completed / error / timeout / crashed
     seconds: float
     note: str = ""
+    reported: str = ""
 
 
 def find_submissions(submissions_dir: Path) -> list[Submission]:
@@ -550,8 +568,19 @@ def grade(
     source_data_dir: Path | None = None,
     keep_dir: Path | None = None,
     log: Any = None,
+    exercise_timeout: float = EXERCISE_SECONDS,
+    seed: int | None = None,
 ) -> list[GradeRow]:
-    """Run every submitted notebook and return one `GradeRow` per exercise.
+    """Run and grade every submitted notebook; return one `GradeRow` per exercise.
+
+    Two steps per notebook. First the whole notebook runs as the student would run it (the
+    ``run`` column, the executed copy in ``keep_dir``, and the results its checks report,
+    shown in ``reported``). Then the verdicts are computed where the student's code cannot
+    reach them (`tinylm.course.grading.grade_answers`): the answer of each exercise's
+    ``check`` call, with the part of the notebook it needs, runs in a fresh worker process
+    with limits (``exercise_timeout`` seconds per exercise), only its outputs come back,
+    and each exercise's check compares them here, on the notebook's inputs and on inputs
+    drawn from ``seed`` (default: a fresh one per notebook) that the student never saw.
 
     Each notebook gets a fresh temporary working copy: the notebook, a copy of
     ``source_data_dir`` (default: the instructor's `tinylm.paths.data_dir`, so the trained
@@ -586,7 +615,7 @@ def grade(
     # (unless the caller chose a thread count already).
     threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
 
-    def one(submission: Submission) -> tuple[Submission, RunOutcome]:
+    def one(submission: Submission) -> list[GradeRow]:
         outcome = run_submission(
             submission,
             timeout=timeout,
@@ -594,21 +623,49 @@ def grade(
             keep_dir=keep_dir,
             threads=threads,
         )
+        start = time.perf_counter()
+        try:
+            notebook = json.loads(submission.path.read_text(encoding="utf-8"))
+            verdicts, notes = grade_answers(
+                notebook,
+                submission.chapter,
+                data_dir=source,
+                seed=seed,
+                exercise_seconds=exercise_timeout,
+                threads=threads,
+                fallback=_instructor_answers(submission.chapter),
+            )
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            verdicts = [
+                Verdict(ex.id, "not run", f"the notebook could not be read: {exc}")
+                for ex in list_exercises(submission.chapter)
+            ]
+            notes = []
+        outcome.notes += notes
         if log is not None:
+            passed = sum(v.status == "passed" for v in verdicts)
             print(
-                f"  {submission.student}/{submission.path.name}: {outcome.status} "
-                f"({outcome.seconds:.0f} s)",
+                f"  {submission.student}/{submission.path.name}: run {outcome.status} "
+                f"({outcome.seconds:.0f} s), {passed}/{len(verdicts)} passed "
+                f"(graded in {time.perf_counter() - start:.0f} s)",
                 file=log,
                 flush=True,
             )
-        return submission, outcome
+        return grade_rows(submission, outcome, verdicts)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        outcomes = list(pool.map(one, submissions))
-    rows: list[GradeRow] = []
-    for submission, outcome in outcomes:
-        rows.extend(grade_rows(submission, outcome))
-    return rows
+        return [row for rows in pool.map(one, submissions) for row in rows]
+
+
+def _instructor_answers(chapter: str) -> dict[str, str]:
+    """The answer expressions of the instructor's notebook of ``chapter`` (for deleted checks)."""
+    for path in chapter_notebooks(NOTEBOOK_DIR):
+        if f"ch{path.name[:2]}" == chapter:
+            try:
+                return answer_expressions(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                return {}
+    return {}
 
 
 def run_submission(
@@ -670,7 +727,7 @@ def run_submission(
             except subprocess.TimeoutExpired:
                 killed = True
             finally:
-                _kill_session(process.pid)
+                kill_session(process.pid)
                 process.wait()
         seconds = time.perf_counter() - start
         outcome = _read_outcome(result_file, grade_file, process.returncode, killed, timeout, work)
@@ -737,21 +794,23 @@ def _suspicious(path: Path) -> list[str]:
         notes.append("review: the code mentions the grading machinery")
     if re.search(r"^\s*(def\s+check\s*\(|check\s*=[^=])", code, re.MULTILINE):
         notes.append("review: the code redefines check")
+    if re.search(r"reference_[a-z]|exercises\.ch\d\d", code):
+        notes.append("review: the code reads the checks' reference solutions")
     return notes
 
 
-def grade_rows(submission: Submission, outcome: RunOutcome) -> list[GradeRow]:
+def grade_rows(
+    submission: Submission, outcome: RunOutcome, verdicts: Sequence[Verdict]
+) -> list[GradeRow]:
     """The grade table rows of one notebook: one per exercise of its chapter.
 
-    An exercise checked several times counts with its last result. Exercises never
-    checked are "not run": the message gives the error that stopped the notebook, or says
-    that the notebook ended without checking them. Checks of other chapters' exercises
-    found in the grade file are listed too.
+    Status and message come from the grader's ``verdicts``. What the notebook's checks
+    reported in the student's kernel (the last report per exercise) goes to ``reported``,
+    and is never counted.
     """
-    latest: dict[str, dict[str, Any]] = {}
+    reported: dict[str, str] = {}
     for entry in outcome.grade_lines:
-        latest.pop(entry["id"], None)  # keep the order of the last check
-        latest[entry["id"]] = entry
+        reported[entry["id"]] = str(entry.get("status", "")).replace("_", " ")[:20]
     run = outcome.status if not outcome.error else f"{outcome.status}: {outcome.error}"
     common = dict(
         student=submission.student,
@@ -760,39 +819,19 @@ def grade_rows(submission: Submission, outcome: RunOutcome) -> list[GradeRow]:
         seconds=round(outcome.seconds, 1),
         note="; ".join(outcome.notes),
     )
-    if outcome.status == "completed":
-        not_run = "the notebook ran to the end without checking this exercise"
-    else:
-        not_run = f"not reached ({run})"
-    rows = []
-    expected = list_exercises(submission.chapter)
-    for ex in expected:
-        entry = latest.pop(ex.id, None)
-        if entry is None:
-            status, message = "not run", not_run
-        else:
-            status, message = _status(entry), str(entry.get("message", ""))
-        rows.append(
-            GradeRow(
-                chapter=ex.chapter,
-                exercise=ex.id,
-                difficulty=ex.difficulty,
-                status=status,
-                message=message,
-                **common,
-            )
+    by_id = {ex.id: ex for ex in list_exercises(submission.chapter)}
+    rows = [
+        GradeRow(
+            chapter=submission.chapter,
+            exercise=v.exercise,
+            difficulty=by_id[v.exercise].difficulty if v.exercise in by_id else "",
+            status=v.status if v.status in STATUSES else "failed",
+            message=v.message,
+            reported=reported.get(v.exercise, ""),
+            **common,
         )
-    for exercise_id, entry in latest.items():  # checks not registered for this chapter
-        rows.append(
-            GradeRow(
-                chapter=str(entry.get("chapter", exercise_id.split(".")[0])),
-                exercise=exercise_id,
-                difficulty=str(entry.get("difficulty", "")),
-                status=_status(entry),
-                message=str(entry.get("message", "")),
-                **common,
-            )
-        )
+        for v in verdicts
+    ]
     if not rows:
         rows.append(
             GradeRow(
@@ -805,11 +844,6 @@ def grade_rows(submission: Submission, outcome: RunOutcome) -> list[GradeRow]:
             )
         )
     return rows
-
-
-def _status(entry: dict[str, Any]) -> str:
-    status = str(entry.get("status", "")).replace("_", " ")
-    return status if status in STATUSES else "failed"
 
 
 def write_csv(rows: Sequence[GradeRow], path: Path) -> None:
@@ -854,113 +888,7 @@ def format_table(rows: Sequence[GradeRow], width: int = 64) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- process control
-
-
-def _kill_session(session_id: int) -> None:
-    """SIGKILL every process of a session (the runner, its kernel, anything they started).
-
-    The kernel runs in its own process group, so killing the runner's group is not enough;
-    on Linux the session's members are found in /proc, elsewhere only the group is killed
-    (the kernel then exits by itself when it notices its parent is gone).
-    """
-    members = set()
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getsid(int(entry.name)) == session_id:
-                        members.add(int(entry.name))
-                except OSError:  # gone already, or not ours to inspect
-                    pass
-    for pid in members - {os.getpid()}:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    try:
-        os.killpg(session_id, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 # --------------------------------------------------------------------------- inside the run
-
-_GUARD_SOURCE = """\
-# Installed by tinylm.classroom for a graded run. Best effort, not a sandbox: refuses
-# Python-level writes, deletions, renames and truncations outside this working copy.
-def _tinylm_grade_guard():
-    import os
-    import sys
-
-    root = os.path.realpath(os.environ["TINYLM_GRADE_ROOT"])
-    allowed = root + os.sep
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    # event -> (positions of the paths it changes, position of their dir_fd or None)
-    events = {
-        "os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "shutil.rmtree": ((0,), 1),
-        "os.truncate": ((0,), None), "os.chmod": ((0,), 2), "os.chown": ((0,), 3),
-        "os.rename": ((0, 1), 2), "os.link": ((0, 1), 2), "os.symlink": ((1,), 2),
-    }
-
-    def fd_path(fd):
-        try:
-            return os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-        try:
-            import fcntl
-
-            return os.fsdecode(fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\\0"))
-        except (ImportError, AttributeError, OSError):
-            return None
-
-    def inside(path, dir_fd=None, follow=True):
-        if isinstance(path, int):
-            return True  # an open file descriptor: its opening was checked
-        try:
-            path = os.fsdecode(os.fspath(path))
-        except TypeError:
-            return False
-        if not os.path.isabs(path) and dir_fd not in (None, -1):
-            base = fd_path(dir_fd)
-            if base is None:
-                return False
-            path = os.path.join(base, path)
-        if follow:
-            path = os.path.realpath(path)
-        else:  # the entry itself (a symlink is removed, not its target)
-            path = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
-        return path in (root, os.devnull) or path.startswith(allowed)
-
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writing = bool(flags & write_flags) or any(c in (mode or "") for c in "wax+")
-            if writing and not inside(path):
-                refuse("writing", path)
-        elif event in events:
-            positions, fd_at = events[event]
-            for i in positions:
-                dir_fd = args[fd_at] if fd_at is not None and fd_at < len(args) else None
-                if event == "os.rename" and i == 1:
-                    dir_fd = args[3]
-                if not inside(args[i], dir_fd, follow=event in ("os.truncate", "os.chmod", "os.chown")):
-                    refuse(event, args[i])
-
-    def refuse(what, path):
-        raise PermissionError(
-            f"tinylm grader: {what} {path!r} refused: a graded notebook may only change "
-            "files inside its working copy"
-        )
-
-    sys.addaudithook(hook)
-
-
-_tinylm_grade_guard()
-del _tinylm_grade_guard
-"""
 
 
 def _execute(notebook_name: str, result_name: str, timeout: float) -> int:
@@ -1051,6 +979,15 @@ def main(argv: list[str] | None = None) -> int:
         help="data folder copied into each run (default: $TINYLM_DATA_DIR or <repo>/data)",
     )
     grading.add_argument("--keep", type=Path, default=None, help="save executed notebooks here")
+    grading.add_argument(
+        "--exercise-timeout",
+        type=float,
+        default=EXERCISE_SECONDS,
+        help=f"seconds per exercise when grading answers (default {EXERCISE_SECONDS:g})",
+    )
+    grading.add_argument(
+        "--seed", type=int, default=None, help="seed of the unseen inputs (default: fresh)"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -1069,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
             source_data_dir=args.data_dir,
             keep_dir=args.keep,
             log=sys.stderr,
+            exercise_timeout=args.exercise_timeout,
+            seed=args.seed,
         )
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

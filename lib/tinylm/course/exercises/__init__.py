@@ -67,6 +67,7 @@ from tinylm.course.exercises.core import (
     Progress,
     Result,
     call,
+    case_seed,
     check,
     check_cases,
     clear_results,
@@ -74,8 +75,12 @@ from tinylm.course.exercises.core import (
     expect_close,
     expect_equal,
     list_exercises,
+    log_forwards,
     progress,
     results,
+    run_check,
+    unseen,
+    unseen_inputs,
 )
 
 __all__ = [
@@ -86,6 +91,7 @@ __all__ = [
     "Progress",
     "Result",
     "call",
+    "case_seed",
     "check",
     "check_cases",
     "clear_results",
@@ -93,6 +99,10 @@ __all__ = [
     "expect_close",
     "expect_equal",
     "list_exercises",
+    "log_forwards",
     "progress",
     "results",
+    "run_check",
+    "unseen",
+    "unseen_inputs",
 ]

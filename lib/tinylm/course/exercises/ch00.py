@@ -14,7 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import check_cases, exercise, is_close
+from tinylm.course.exercises.core import (
+    check_cases,
+    exercise,
+    is_close,
+    unseen,
+)
 
 
 def _ratio(got: Any, expected: Any) -> float:
@@ -64,6 +69,14 @@ def _check_training_utilisation(answer: Any) -> str:
         (1e6, 1e9, 1.0, 1e12),
         (70e9, 15e12, 6.4e6, 312e12),
     ]
+    inputs += unseen(
+        lambda r: (
+            r.uniform(1e8, 1e11),
+            r.uniform(1e10, 2e13),
+            r.uniform(1e3, 1e7),
+            r.uniform(1e14, 2e15),
+        )  # fmt: skip
+    )
     return check_cases(
         answer,
         [(args, reference_training_utilisation(*args)) for args in inputs],
@@ -147,6 +160,16 @@ def _check_predict_matmul_seconds(answer: Any) -> str:
         (64, 2048, 8192, 2, 3.35e12, 989e12),  # an H100-like chip, bf16
         (4096, 1024, 1024, 4, 50e9, 200e9),  # activations bigger than the weights
     ]
+    inputs += unseen(
+        lambda r: (
+            r.randint(1, 4096),
+            r.randint(64, 8192),
+            r.randint(64, 8192),
+            r.choice((1, 2, 4)),
+            r.uniform(1e10, 4e12),
+            r.uniform(1e11, 2e15),
+        )  # fmt: skip
+    )
     return check_cases(
         answer,
         [(args, reference_predict_matmul_seconds(*args)) for args in inputs],
@@ -209,6 +232,7 @@ def _check_days_with_growing_traffic(answer: Any) -> str:
         (1e9, 1e6, 1.001),
         (15e12, 1e13, 1.05),  # overtaken within days
     ]
+    inputs += unseen(lambda r: (r.uniform(1e9, 2e13), r.uniform(1e9, 1e12), r.uniform(1.0, 1.05)))
     return check_cases(
         answer,
         [(args, reference_days_with_growing_traffic(*args)) for args in inputs],
@@ -262,6 +286,7 @@ def _gpu_time_hint(got: Any, expected: Any, args: Any) -> str:
 )
 def _check_gpu_time_crossover_tokens(answer: Any) -> str:
     inputs = [(15e12, 0.4, 0.4), (15e12, 0.4, 0.02), (14.8e12, 0.35, 0.1), (1e9, 0.5, 0.8)]
+    inputs += unseen(lambda r: (r.uniform(1e9, 2e13), r.uniform(0.05, 0.6), r.uniform(0.01, 0.9)))
     return check_cases(
         answer,
         [(args, reference_gpu_time_crossover_tokens(*args)) for args in inputs],

@@ -19,7 +19,7 @@ from functools import cache
 from itertools import pairwise
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close
+from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, unseen
 from tinylm.tokenizer import EOT, PATTERNS, BPETokenizer
 
 # --------------------------------------------------------------------------- shared inputs
@@ -76,6 +76,8 @@ def _check_compression_ratio(answer: Any) -> str:
         "One sunny morning, Pip took the ball to the park.<|endoftext|>",
         "Zebras quietly juggle xylophones.",
     ]
+    words = _TRAIN_TEXT.split() + ["crêpe", "🙂", "Zebras", EOT]
+    texts += unseen(lambda r: " ".join(r.choice(words) for _ in range(r.randint(2, 12))))
     cases = [((text, tok), reference_compression_ratio(text, tok)) for text in texts]
     return check_cases(answer, cases, rel=1e-9, hint=_compression_hint)
 
@@ -221,10 +223,16 @@ _BPE_CASES = [
 ]
 
 
+def _bpe_case(r: Any) -> tuple[str, int]:
+    """A random text of short words and a number of merges, for the unseen inputs."""
+    words = ("ab", "cd", "Pip", "red", "ball", "café", "aaa", "the", "x")
+    return " ".join(r.choice(words) for _ in range(r.randint(3, 30))), r.randint(1, 15)
+
+
 @exercise("ch01.train_bpe", difficulty="core", title="The BPE training loop")
 def _check_train_bpe(answer: Any) -> str:
     name = getattr(answer, "__name__", "your function")
-    for text, n in _BPE_CASES:
+    for text, n in _BPE_CASES + unseen(_bpe_case, n=2):
         chunks = text_chunks(text)
         expected = library_merges(text, n)
         what = f"{name}(chunks of {text[:30]!r}{'...' if len(text) > 30 else ''}, {n})"
@@ -309,6 +317,8 @@ def _check_decode(answer: Any) -> str:
         (([104, 0xA9], merges), "h\ufffd"),
         (([], merges), ""),
     ]
+    for ids in unseen(lambda r: [r.randrange(256 + len(merges)) for _ in range(r.randint(1, 12))]):
+        cases.append(((ids, merges), reference_decode(ids, merges)))
     return check_cases(answer, cases, exact=True, hint=_decode_hint)
 
 
@@ -383,6 +393,8 @@ def _check_encode(answer: Any) -> str:
         (("xyz", ab_bc), [120, 121, 122]),
         ((" the inn café", words), [258, 32, 259, 110, 32, 99, 97, 102, 260]),
     ]
+    for text in unseen(lambda r: "".join(r.choice(("th", "e", " ", "in", "n", "é", "a", "x")) for _ in range(r.randint(1, 16)))):  # fmt: skip
+        cases.append(((text, words), reference_encode(text, words)))
     return check_cases(answer, cases, exact=True, hint=_encode_hint)
 
 
@@ -434,6 +446,9 @@ def _check_unigram_bits_per_byte(answer: Any) -> str:
         ([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], 30),
         (tok.encode(story), len(story.encode("utf-8"))),
     ]
+    inputs += unseen(
+        lambda r: ([r.randrange(9) for _ in range(r.randint(1, 40))], r.randint(40, 200))
+    )
     message = check_cases(
         answer,
         [(args, reference_unigram_bits_per_byte(*args)) for args in inputs],

@@ -11,7 +11,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import call, check_cases, exercise, expect_close, is_close
+from tinylm.course.exercises.core import (
+    call,
+    case_seed,
+    check_cases,
+    exercise,
+    expect_close,
+    is_close,
+    unseen,
+)
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
@@ -68,6 +76,7 @@ def _block_params_hint(got: Any, expected: Any, args: Any) -> str:
 @exercise("ch02.block_params", difficulty="warm-up", title="Parameters of one transformer block")
 def _check_block_params(answer: Any) -> str:
     inputs = [(128, 4, 344), (64, 8, 176), (4096, 32, 11008), (96, 1, 256)]
+    inputs += unseen(lambda r: (32 * r.randint(1, 64), r.choice((1, 2, 4, 8)), r.randint(8, 8192)))
     return check_cases(
         answer,
         [(args, reference_block_params(*args)) for args in inputs],
@@ -318,6 +327,16 @@ def _check_forward_flops(answer: Any) -> str:
         (GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=300, mlp_hidden=100), 17),
         (GPTConfig(n_layer=6, n_head=8, n_embd=256, vocab_size=4096, tie_embeddings=True), 1000),
     ]
+    cases += unseen(
+        lambda r: (
+            GPTConfig(
+                n_layer=r.randint(1, 8), n_head=2, n_embd=16 * r.randint(1, 16),
+                vocab_size=r.randint(50, 5000), mlp_hidden=r.randint(16, 1024),
+                tie_embeddings=r.random() < 0.5,
+            ),
+            r.randint(1, 1000),
+        )
+    )  # fmt: skip
     for config, context in cases:
         got = call(answer, config, context)
         expected = reference_forward_flops(config, context)
@@ -411,7 +430,7 @@ def _attention_hint(got: Any, expected: Any, args: Any) -> str | None:
 def _check_causal_attention(answer: Any) -> str:
     import torch
 
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(case_seed(2))
     shapes = [(2, 3, 5, 5, 8), (1, 2, 1, 7, 16), (2, 4, 3, 8, 8), (1, 1, 6, 6, 4)]
     for B, H, T, S, D in shapes:
         q = torch.randn(B, H, T, D, generator=g)
@@ -495,7 +514,7 @@ def _rope_hint(got: Any, expected: Any, args: Any) -> str | None:
 def _check_apply_rope_at(answer: Any) -> str:
     import torch
 
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(case_seed(3))
     cases = [
         ((2, 3, 5, 8), torch.arange(5), 10000.0),
         ((1, 2, 4, 16), torch.tensor([7, 8, 9, 10]), 10000.0),

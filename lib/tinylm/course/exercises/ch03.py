@@ -11,7 +11,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, is_close
+from tinylm.course.exercises.core import (
+    Fail,
+    call,
+    case_seed,
+    check_cases,
+    exercise,
+    expect_close,
+    is_close,
+    unseen,
+)
 
 # torch and tinylm.train are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
@@ -49,7 +58,8 @@ def _uniform_hint(got: Any, expected: Any, args: Any) -> str | None:
 
 @exercise("ch03.uniform_loss", difficulty="warm-up", title="The loss of a uniform model")
 def _check_uniform_loss(answer: Any) -> str:
-    cases = [(V, reference_uniform_loss(V)) for V in (2, 512, 1024, 50_257, 128_256)]
+    sizes = [2, 512, 1024, 50_257, 128_256] + unseen(lambda r: r.randint(2, 300_000))
+    cases = [(V, reference_uniform_loss(V)) for V in sizes]
     return check_cases(answer, cases, rel=1e-9, hint=_uniform_hint)
 
 
@@ -81,6 +91,14 @@ _LR_CASES = [
 ]
 
 
+def _lr_case(r: Any) -> tuple[int, int, float, float, int]:
+    """A random (step, steps, lr, min_lr, warmup_steps) for the unseen inputs."""
+    steps = r.randint(10, 2000)
+    warmup = r.choice((0, r.randint(1, steps // 3)))
+    lr = r.uniform(1e-4, 1e-2)
+    return r.randint(0, steps - 1), steps, lr, r.choice((0.0, 0.1 * lr)), warmup
+
+
 def _lr_hint(got: Any, expected: Any, args: Any) -> str | None:
     step, steps, lr, min_lr, warmup = args
     if warmup and step < warmup:
@@ -106,7 +124,7 @@ def _lr_hint(got: Any, expected: Any, args: Any) -> str | None:
 
 @exercise("ch03.cosine_lr", difficulty="core", title="Warm-up plus cosine decay")
 def _check_cosine_lr(answer: Any) -> str:
-    cases = [(args, reference_cosine_lr(*args)) for args in _LR_CASES]
+    cases = [(args, reference_cosine_lr(*args)) for args in _LR_CASES + unseen(_lr_case, n=6)]
     return check_cases(answer, cases, rel=1e-9, abs_tol=1e-15, hint=_lr_hint)
 
 
@@ -130,7 +148,7 @@ def reference_clip_grad_norm(grads: list, max_norm: float) -> tuple[list, float]
 def _clip_inputs() -> list[tuple[list, float]]:
     import torch
 
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(case_seed(3))
     big = [torch.randn(4, 3, generator=g) * 2, torch.randn(5, generator=g) * 3]
     small = [torch.randn(2, 2, generator=g) * 0.01, torch.randn(3, generator=g) * 0.01]
     # one big tensor and a small one: clipping each on its own would change the direction
@@ -240,7 +258,7 @@ def _torch_adamw_trajectory(param0: Any, grads: list, lr: float, betas, eps, wd)
 def _check_adamw_step(answer: Any) -> str:
     import torch
 
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(case_seed(7))
     lr, betas, eps, wd = 0.01, (0.9, 0.95), 1e-8, 0.5  # a big decay makes L2 vs AdamW visible
     param0 = torch.randn(3, 4, generator=g)
     grads = [torch.randn(3, 4, generator=g) * s for s in (1.0, 0.1, 3.0, 0.5, 1.0)]

@@ -16,11 +16,14 @@ from typing import Any
 from tinylm.course.exercises.core import (
     Fail,
     call,
+    case_seed,
     check_cases,
     exercise,
     expect_close,
     expect_equal,
     is_close,
+    log_forwards,
+    unseen,
 )
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
@@ -66,6 +69,19 @@ def _kv_bytes_hint(got: Any, expected: Any, args: Any) -> str:
     return "2 (K and V) × n_layer × n_kv_head × head_dim × bytes_per_element × context × batch"
 
 
+def _kv_case(r: Any) -> tuple[Any, int, int, int]:
+    """A random (config, context, batch_size, bytes_per_element) for the unseen inputs."""
+    from tinylm.model import GPTConfig
+
+    n_head = r.choice((2, 4, 8))
+    n_kv_head = r.choice([d for d in (1, 2, 4, 8) if n_head % d == 0])
+    config = GPTConfig(
+        n_layer=r.randint(1, 12), n_head=n_head, n_embd=n_head * r.choice((8, 16, 32)),
+        attention="gqa", n_kv_head=n_kv_head,
+    )  # fmt: skip
+    return config, r.randint(1, 8192), r.randint(1, 8), r.choice((1, 2, 4))
+
+
 @exercise("ch04.kv_cache_bytes", difficulty="warm-up", title="Bytes of a KV cache")
 def _check_kv_cache_bytes(answer: Any) -> str:
     from tinylm.model import GPTConfig
@@ -81,6 +97,7 @@ def _check_kv_cache_bytes(answer: Any) -> str:
         (llama3_8b, 8192, 1, 2),
         (llama3_8b, 131072, 2, 1),
     ]
+    cases += unseen(_kv_case)
     name = getattr(answer, "__name__", "your function")
     for config, context, batch, nbytes in cases:
         got = call(answer, config, context, batch, nbytes)
@@ -400,7 +417,7 @@ def _top_p_hint(got: Any, expected: Any, args: Any) -> str | None:
 def _check_top_p_filter(answer: Any) -> str:
     import torch
 
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(case_seed(4))
 
     def dirichlet(*shape: int, sharp: float = 1.0) -> Any:
         x = torch.rand(*shape, generator=g).pow(sharp)
@@ -487,6 +504,15 @@ def _check_decode_tokens_per_s(answer: Any) -> str:
         (140e9, 327680, 1000, 4, 8.0e12),  # a 70B model on a faster chip
         (1e9, 0, 100, 16, 1e11),  # no KV cache at all (e.g. a state-space model)
     ]
+    cases += unseen(
+        lambda r: (
+            r.uniform(1e6, 2e11),
+            r.randint(1, 400_000),
+            r.randint(1, 32768),
+            r.randint(1, 64),
+            r.uniform(5e10, 8e12),
+        )  # fmt: skip
+    )
     return check_cases(
         answer,
         [(args, reference_decode_tokens_per_s(*args)) for args in cases],
@@ -534,16 +560,22 @@ def _check_greedy_with_cache(answer: Any) -> str:
     from tinylm.generate import generate
 
     cases = [(0, [3, 14, 15, 92, 65], 20), (1, [7], 30), (2, list(range(10, 40)), 12)]
+    cases += unseen(
+        lambda r: (
+            r.randint(3, 10**6),
+            [r.randrange(97) for _ in range(r.randint(1, 16))],
+            r.randint(2, 24),
+        ),  # fmt: skip
+        n=2,
+    )
     for seed, prompt, n in cases:
         model = _tiny_model(seed)
-        fed: list[int] = []
-        hook = model.tok_emb.register_forward_hook(
-            lambda m, inp, out, fed=fed: fed.append(inp[0].numel())
-        )
+        hook = log_forwards(model, model.tok_emb)  # token positions fed, per forward
         try:
             got = call(answer, model, list(prompt), n)
         finally:
             hook.remove()
+        fed = model.forwards_seen
         expected = generate(model, prompt, n, temperature=0)
         what = (
             f"{getattr(answer, '__name__', 'your function')}(model, prompt of {len(prompt)} "

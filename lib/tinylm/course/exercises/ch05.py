@@ -13,7 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, is_close
+from tinylm.course.exercises.core import (
+    Fail,
+    call,
+    case_seed,
+    check_cases,
+    exercise,
+    expect_close,
+    is_close,
+    log_forwards,
+    unseen,
+)
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
@@ -126,7 +136,25 @@ def _kv_cases() -> list[tuple[tuple[Any, int], int]]:
             2,
         ),  # DeepSeek-V3's attention in bf16 (its real head_dim is 128; MLA caches none of it)
     ]  # fmt: skip
+    configs += unseen(_random_attention_config)
     return [((c, b), reference_kv_bytes_per_token(c, b)) for c, b in configs]
+
+
+def _random_attention_config(r: Any) -> tuple[Any, int]:
+    """A random (config, bytes_per_element) with MHA, GQA, MQA or MLA, for unseen inputs."""
+    from tinylm.model import GPTConfig
+
+    n_head = r.choice((2, 4, 8))
+    kind = r.choice(("mha", "gqa", "mqa", "mla"))
+    extra: dict[str, Any] = {}
+    if kind == "gqa":
+        extra["n_kv_head"] = r.choice([d for d in (1, 2, 4) if n_head % d == 0])
+    if kind == "mla":
+        extra.update(kv_lora_rank=r.choice((8, 16, 24, 32)), rope_head_dim=r.choice((4, 8)))
+    config = GPTConfig(
+        n_layer=r.randint(1, 12), n_head=n_head, n_embd=n_head * 16, attention=kind, **extra
+    )
+    return config, r.choice((1, 2, 4))
 
 
 @exercise(
@@ -207,6 +235,13 @@ def _check_moe_layer_params(answer: Any) -> str:
         GPTConfig(vocab_size=129280, n_layer=61, n_head=128, n_embd=7168, mlp="moe",
                   n_experts=256, n_shared_experts=1, experts_per_token=8, expert_hidden=2048),
     ]  # fmt: skip
+    configs += unseen(
+        lambda r: (lambda E: GPTConfig(
+            n_embd=32 * r.randint(1, 4), n_head=4, mlp="moe", n_experts=E,
+            n_shared_experts=r.randint(0, 2), experts_per_token=r.randint(1, E),
+            expert_hidden=r.randint(8, 96),
+        ))(r.randint(2, 16))
+    )  # fmt: skip
     name = getattr(answer, "__name__", "your function")
     for c in configs:
         expected = reference_moe_layer_params(c)
@@ -283,6 +318,9 @@ def _touched_hint(got: Any, expected: Any, args: Any) -> str:
 )
 def _check_experts_touched(answer: Any) -> str:
     cases = [(8, 2, 1), (8, 2, 4), (8, 2, 64), (64, 6, 10), (256, 8, 1), (256, 8, 32), (4, 4, 3)]
+    cases += unseen(
+        lambda r: (lambda E: (E, r.randint(1, E), r.randint(1, 512)))(r.randint(2, 256))
+    )
     return check_cases(
         answer,
         [(args, reference_experts_touched(*args)) for args in cases],
@@ -390,17 +428,17 @@ def _check_mla_absorbed_scores(answer: Any) -> str:
     name = getattr(answer, "__name__", "your function")
     for seed, config, B, T in cases:
         attn, cfg = _mla_layer(seed, **config)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(case_seed(seed))
         x = torch.randn(B, T, cfg.n_embd, generator=g)
         cos, sin = rope_tables(cfg.rope_head_dim, T + 3, cfg.rope_theta)
         cos, sin = cos[3:], sin[3:]  # positions 3 .. T+2: RoPE must use the given tables
-        calls: list[int] = []
-        hook = attn.kv_b_proj.register_forward_hook(lambda m, i, o, calls=calls: calls.append(1))
+        hook = log_forwards(attn, attn.kv_b_proj)
         try:
             with torch.no_grad():
                 got = call(answer, attn, x, cos, sin)
         finally:
             hook.remove()
+        calls = attn.forwards_seen
         what = (
             f"{name}(attn with kv_lora_rank={cfg.kv_lora_rank}, rope_head_dim="
             f"{cfg.rope_head_dim}, x of shape {tuple(x.shape)}, cos, sin)"

@@ -16,7 +16,16 @@ import math
 from functools import partial
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, expect_close, is_close
+from tinylm.course.exercises.core import (
+    Fail,
+    call,
+    case_seed,
+    check_cases,
+    exercise,
+    expect_close,
+    is_close,
+    unseen,
+)
 
 # torch is imported inside the functions: listing the exercises of all chapters should not
 # pay for importing it.
@@ -76,6 +85,17 @@ def _check_bytes_per_weight(answer: Any) -> str:
         ((4, 4096, 2, 0), reference_bytes_per_weight(4, 4096, 2, 0)),  # per channel, 4096-wide row
         ((3, 64, 2, 1), reference_bytes_per_weight(3, 64, 2, 1)),
         ((8, 128, 4, 0), reference_bytes_per_weight(8, 128, 4, 0)),  # fp32 scales
+    ]
+    cases += [
+        (args, reference_bytes_per_weight(*args))
+        for args in unseen(
+            lambda r: (
+                r.randint(2, 8),
+                r.choice((16, 32, 64, 128, 256)),
+                r.choice((2, 4)),
+                r.randint(0, 1),
+            )
+        )  # fmt: skip
     ]
     message = check_cases(answer, cases, rel=1e-9, hint=_bytes_hint)
     return f"{message} (Q4_0 = 4.5 bits per weight, Q8_0 = 8.5, scales included)"
@@ -163,7 +183,7 @@ def _int4_variants(w: Any, gs: int) -> list[tuple[Any, str]]:
 def _check_int4_group_quantize(answer: Any) -> str:
     import torch
 
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(case_seed(6))
     heavy = torch.randn(64, 64, generator=g) * torch.exp(torch.randn(64, 64, generator=g))
     outliers = torch.randn(4, 256, generator=g) * 0.02
     outliers[1, 7], outliers[3, 200] = 0.5, -0.4  # two big weights in two groups
@@ -306,7 +326,7 @@ def _check_dequantize_q4_0_block(answer: Any) -> str:
 
     from tinylm.quant.formats import dequantize_q4_0, quantize_q4_0
 
-    g = torch.Generator().manual_seed(40)
+    g = torch.Generator().manual_seed(case_seed(40))
     w = torch.randn(4, 32, generator=g) * torch.tensor([[0.02], [1.0], [300.0], [0.001]])
     w[1, 5] = -3.0  # its largest magnitude is negative: d > 0 (d = max / -8)
     blocks = quantize_q4_0(w)  # llama.cpp's reference quantiser, ported
@@ -381,7 +401,7 @@ _GPTQ_HINTS = {
 def _gptq_cases() -> list[tuple[Any, Any, float, str]]:
     import torch
 
-    g = torch.Generator().manual_seed(60)
+    g = torch.Generator().manual_seed(case_seed(60))
     cases = []
     for n, tokens, label in ((16, 64, "16 inputs"), (32, 128, "32 inputs"), (48, 256, "48 inputs")):
         mix = torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)

@@ -15,7 +15,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tinylm.course.exercises.core import Fail, call, check_cases, exercise, is_close
+from tinylm.course.exercises.core import (
+    Fail,
+    call,
+    check_cases,
+    exercise,
+    is_close,
+    unseen,
+)
 
 # Plain arithmetic only: listing the exercises should not pay for importing torch.
 
@@ -52,6 +59,12 @@ def _decode_intensity(answer: Any) -> str:
         ((8.03e9, 64, 2), 64.0),
         ((70.6e9, 8, 1), 16.0),
         ((1e6, 3, 4), 1.5),
+    ]
+    cases += [
+        (args, reference_decode_intensity(*args))
+        for args in unseen(
+            lambda r: (r.uniform(1e6, 1e11), r.randint(1, 512), r.choice((0.5, 1, 2, 4)))
+        )  # fmt: skip
     ]
     return check_cases(answer, cases, rel=1e-6, hint=_intensity_hint)
 
@@ -95,6 +108,18 @@ def _decode_step_seconds(answer: Any) -> str:
         ((16.06e9, kv8b, 1024, 64, 4000), (16.06e9 + 64 * 1024 * kv8b) / 4.0e12),
         ((141.2e9, 327680, 4096, 8, 3350), (141.2e9 + 8 * 4096 * 327680) / 3.35e12),
     ]
+    cases += [
+        (args, reference_decode_step_seconds(*args))
+        for args in unseen(
+            lambda r: (
+                r.uniform(1e6, 2e11),
+                r.randint(1, 400_000),
+                r.randint(1, 32768),
+                r.randint(1, 64),
+                r.uniform(50, 8000),
+            )
+        )  # fmt: skip
+    ]
     return check_cases(answer, cases, rel=1e-6, hint=_step_hint)
 
 
@@ -120,6 +145,10 @@ def _usd_per_million(answer: Any) -> str:
         ((1000.0, 3.6), 1.0),
         ((265.5, 1.2), 1.2 / 3600 * 1e6 / 265.5),
         ((12000.0, 2.5), 2.5 / 3600 * 1e6 / 12000),
+    ]
+    cases += [
+        (args, reference_usd_per_million_tokens(*args))
+        for args in unseen(lambda r: (r.uniform(1, 50_000), r.uniform(0.1, 100)))
     ]
     return check_cases(answer, cases, rel=1e-6, hint=_usd_hint)
 
@@ -163,6 +192,12 @@ def _compute_bound_batch(answer: Any) -> str:
         ((148, 4000, 2), 37),
         ((989, 3350, 1), 148),
         ((320, 1600, 0.5), 50),
+    ]
+    cases += [
+        (args, reference_compute_bound_batch(*args))
+        for args in unseen(
+            lambda r: (r.randint(10, 2000), r.randint(100, 8000), r.choice((0.5, 1, 2, 4)))
+        )  # fmt: skip
     ]
     for args, expected in cases:
         assert expected == reference_compute_bound_batch(*args)

@@ -14,10 +14,12 @@ from typing import Any
 from tinylm.course.exercises.core import (
     Fail,
     call,
+    case_seed,
     check_cases,
     exercise,
     expect_close,
     expect_equal,
+    unseen,
 )
 
 # --------------------------------------------------------------------------- warm-up
@@ -58,6 +60,7 @@ def _check_allreduce_bytes(answer: Any) -> str:
         ((2048, 8192, 80, 4, 2), None),  # a 2048-token prefill
         ((16, 64, 3, 1, 4), None),  # one chip: nothing to send
     ]
+    cases += unseen(lambda r: ((r.randint(1, 4096), 64 * r.randint(1, 128), r.randint(1, 96), r.choice((1, 2, 4, 8)), r.choice((1, 2, 4))), None))  # fmt: skip
     cases = [(args, reference_allreduce_bytes(*args)) for args, _ in cases]
     return check_cases(answer, cases, rel=1e-9, hint=_allreduce_hint)
 
@@ -85,7 +88,7 @@ def _check_shard_mlp(answer: Any) -> str:
     import torch
     import torch.nn.functional as F
 
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator().manual_seed(case_seed(9))
     C, hidden = 8, 24
     gate, up = torch.randn(hidden, C, generator=g), torch.randn(hidden, C, generator=g)
     down, x = torch.randn(C, hidden, generator=g), torch.randn(3, C, generator=g)
@@ -144,6 +147,7 @@ def _check_survivor_world(answer: Any) -> str:
         (12, 12, 48, 6),
         (6, 6, 36, 4),
     ]
+    cases += unseen(lambda r: (lambda h: (h, r.choice([d for d in range(1, h + 1) if h % d == 0]), 4 * r.randint(4, 200), r.randint(2, 8)))(r.choice((4, 6, 8, 12, 16))))  # fmt: skip
     for args in cases:
         got = call(answer, *args)
         want = reference_survivor_world(*args)

@@ -12,12 +12,15 @@ import math
 import numbers
 import os
 import pkgutil
+import random
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from tinylm.util import in_notebook
 
@@ -86,6 +89,7 @@ class Result:
 _REGISTRY: dict[str, Exercise] = {}
 _LOADED_CHAPTERS: set[str] = set()
 _RESULTS: list[Result] = []
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- registration
@@ -440,6 +444,82 @@ def check_cases(
             )
         count += 1
     return f"all {count} cases match"
+
+
+# --------------------------------------------------------------------------- unseen inputs
+#
+# In the notebook a check uses fixed inputs, so the learner sees the same cases every run.
+# The grader (tinylm.course.grading) runs each check a second time inside `unseen_inputs`,
+# where `case_seed` and `unseen` hand out inputs drawn from a seed chosen at grading time:
+# an answer that hard-codes the results the notebook showed fails there.
+
+
+class _Unseen:
+    rng: random.Random | None = None
+    drawn = False
+
+
+def case_seed(seed: int) -> int:
+    """The seed a check draws its random inputs from: ``seed`` in the notebook, fresh when graded.
+
+    Use it wherever a check seeds a generator, e.g.
+    ``g = torch.Generator().manual_seed(case_seed(2))``.
+    """
+    if _Unseen.rng is None:
+        return seed
+    _Unseen.drawn = True
+    return _Unseen.rng.randrange(2**31)
+
+
+def unseen(draw: Callable[[random.Random], T], n: int = 3) -> list[T]:
+    """Extra inputs for a check: none in the notebook, ``n`` calls of ``draw(rng)`` when graded.
+
+    Append them to a check's fixed inputs, e.g.
+    ``inputs = [(8e9, 15e12), ...] + unseen(lambda r: (r.uniform(1e6, 1e11), r.uniform(1e9, 1e13)))``;
+    the reference computes their expected results like those of the fixed ones.
+    """
+    if _Unseen.rng is None:
+        return []
+    _Unseen.drawn = True
+    return [draw(_Unseen.rng) for _ in range(n)]
+
+
+@contextmanager
+def unseen_inputs(seed: int) -> Iterator[Callable[[], bool]]:
+    """Within this block `case_seed` and `unseen` draw from ``seed`` (used by the grader).
+
+    Yields a function that tells whether the check drew any unseen input (ask it inside
+    the block: leaving the block restores the notebook's fixed inputs).
+    """
+    saved = (_Unseen.rng, _Unseen.drawn)
+    _Unseen.rng, _Unseen.drawn = random.Random(seed), False
+    try:
+        yield lambda: _Unseen.drawn
+    finally:
+        _Unseen.rng, _Unseen.drawn = saved
+
+
+def run_check(ex: Exercise, answer: Any) -> tuple[Status, str]:
+    """Run ``ex``'s check on ``answer`` and return (status, message); never raises for it."""
+    return _run(ex, answer)
+
+
+def _log_input_size(log: list[int], module: Any, inputs: Any, output: Any) -> None:
+    log.append(int(inputs[0].numel()) if inputs and hasattr(inputs[0], "numel") else 1)
+
+
+def log_forwards(owner: Any, module: Any) -> Any:
+    """Record the input size of every forward of ``module`` in ``owner.forwards_seen``.
+
+    For checks that watch *how* an answer computes (e.g. "feeds one token per step"):
+    ``owner`` is the object handed to the learner's function and ``module`` it or one of
+    its submodules. The hook is picklable and ``forwards_seen`` is copied back, so it also
+    works when the grader runs the learner's function in its worker process (a lambda
+    hook would not travel there). Returns the hook's handle (call ``.remove()`` after).
+    """
+    owner.forwards_seen = []
+    owner.__grading_writeback__ = ("forwards_seen",)
+    return module.register_forward_hook(partial(_log_input_size, owner.forwards_seen))
 
 
 # --------------------------------------------------------------------------- reporting
