@@ -28,6 +28,8 @@ from tinylm.course.exercises import (
     check_cases,
     exercise,
     expect_close,
+    list_exercises,
+    run_check,
     unseen,
     unseen_inputs,
 )
@@ -341,3 +343,28 @@ def test_wire_refuses_objects_and_pickles():
     header = json.dumps({"value": {"$": "module", "v": "os"}, "blobs": []}).encode()
     with pytest.raises(wire.WireError, match="unknown item"):
         wire.decode(struct.pack("<Q", len(header)) + header)
+
+
+# --------------------------------------------------------------------------- every chapter
+
+
+def _stub(*args, **kwargs):
+    raise NotImplementedError
+
+
+# Exercises whose answer is a value rather than a function have no inputs to vary.
+VALUE_ANSWERS: set[str] = set()
+
+
+def test_every_exercise_draws_inputs_the_learner_has_not_seen():
+    # A new exercise gets them with one line: `inputs += unseen(lambda r: ...)` for fixed
+    # inputs, or `case_seed(N)` where it seeds a generator (see tinylm.exercises).
+    missing = []
+    for ex in list_exercises():
+        if ex.chapter == "ch99" or ex.id in VALUE_ANSWERS:
+            continue
+        with unseen_inputs(1) as drew:
+            run_check(ex, _stub)
+            if not drew():
+                missing.append(ex.id)
+    assert missing == []

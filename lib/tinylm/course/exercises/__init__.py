@@ -22,7 +22,12 @@ one JSON object per line (UTF-8) to it::
 
 ``status`` is one of ``passed``, ``failed``, ``not_attempted``. The file is append-only:
 when an exercise was checked several times, the last line for its id is the current
-result. In-memory results of this session are available from `results()`.
+result. In-memory results of this session are available from `results()`. These are
+what the learner's own kernel reports, so the learner's code can forge them: the grader
+(``python -m tinylm.classroom grade``) shows them and never counts them. It computes
+its verdicts itself (`tinylm.course.grading`): each answer runs in a separate worker
+process and the check below runs in the grader's process, on the notebook's inputs and
+on inputs drawn at grading time.
 
 Adding a chapter's checks (chapter authors)
 -------------------------------------------
@@ -50,11 +55,36 @@ Adding a chapter's checks (chapter authors)
    `expect_close` / `expect_equal` to compare (numbers, NumPy arrays, torch tensors). A
    ``hint`` may be a string or a function ``(got, expected, args) -> str | None`` that
    recognises a typical mistake (e.g. "you counted only the forward pass").
-3. Keep a few deliberately wrong answers in ``tests/test_exercises.py`` (or the chapter's
+3. Give the check inputs the learner has not seen, for grading (one line; a test checks
+   that every exercise has them). In the notebook they add nothing, so the learner sees
+   the same fixed cases every run; when the grader runs the check a second time inside
+   `unseen_inputs`, they are drawn from a fresh seed, so an answer that hard-codes the
+   results the notebook showed fails::
+
+       inputs = [(8e9, 15e12), (37e9, 14.8e12)]
+       inputs += unseen(lambda r: (r.uniform(1e6, 1e11), r.uniform(1e9, 2e13)))  # r: random.Random
+       return check_cases(answer, [(a, reference(*a)) for a in inputs], hint=...)
+
+   or, where the check seeds a generator, ``torch.Generator().manual_seed(case_seed(2))``
+   (``np.random.default_rng(case_seed(7))``). Draw only valid inputs (shapes that divide,
+   probabilities that sum to 1): the reference must be right on every draw.
+4. Keep what grading needs in mind (nothing else to write: the same check function grades
+   the submission). The grader calls the learner's function in a worker process, so:
+   the check passes it arguments that pickle (tensors, configs, modules, lists; no
+   lambdas or local functions, e.g. as forward hooks: use `log_forwards` to watch how an
+   answer runs); the function returns values the safe channel carries (numbers, strings,
+   lists, tuples, dicts, NumPy arrays, torch tensors; `tinylm.course.wire`); arguments
+   the function changes in place come back only for tensors, arrays, lists and dicts (and
+   the attributes an object lists in ``__grading_writeback__``). An answer that is a value
+   rather than a function is evaluated in the worker and sent back the same way.
+5. Keep a few deliberately wrong answers in ``tests/test_exercises.py`` (or the chapter's
    test file) to pin that each check fails with a helpful message, and the reference
    solution from the notebook to pin that it passes.
-4. In the notebook, put the solution in a cell tagged ``solution`` (cell metadata
-   ``{"tags": ["solution"]}``) and the ``check(...)`` call in the next, untagged cell.
+6. In the notebook, put the solution in a cell tagged ``solution`` (cell metadata
+   ``{"tags": ["solution"]}``) and the ``check(...)`` call in the next, untagged cell, as
+   ``check("chNN.id", name)``: the grader finds the answer through that call (and through
+   the instructor's notebook if a student deleted it). The solution may use imports,
+   helpers and variables of earlier cells: the grader runs those statements too.
 """
 
 from __future__ import annotations
