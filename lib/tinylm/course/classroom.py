@@ -863,9 +863,10 @@ def format_table(rows: Sequence[GradeRow], width: int = 64) -> str:
         line = " ".join(text.split())
         return line if len(line) <= width else line[: width - 3] + "..."
 
-    header = ("student", "notebook", "exercise", "status", "message")
+    header = ("student", "notebook", "exercise", "status", "reported", "message")
     table = [header] + [
-        (r.student, r.notebook, r.exercise, r.status, short(r.message)) for r in rows
+        (r.student, r.notebook, r.exercise, r.status, r.reported or "-", short(r.message))
+        for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = [

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from tinylm.course.exercises.core import check_cases, exercise
+from tinylm.course.exercises.core import check_cases, exercise, unseen
 
 # Plain Python only: listing the exercises should not pay for importing torch.
 
@@ -105,6 +105,7 @@ def _hf_weight_name(answer: Any) -> str:
         "norm.weight",
         "lm_head.weight",
     ]
+    names += unseen(lambda r: f"blocks.{r.randint(0, 79)}.{r.choice(sorted(_LAYER_NAMES))}.weight")
     cases = [(n, reference_hf_weight_name(n)) for n in names]
     return check_cases(answer, cases, exact=True, hint=_name_hint)
 
@@ -162,10 +163,29 @@ def _kv_bytes_per_token(answer: Any) -> str:
             (WIDE_HEADS, 4),
         )
     ]
+    cases += [(args, reference_kv_bytes_per_token(*args)) for args in unseen(_random_config)]
     return check_cases(answer, cases, rel=1e-9, hint=_kv_hint)
 
 
 # --------------------------------------------------------------------------- stretch
+
+
+def _random_config(r: Any) -> tuple[dict[str, Any], int]:
+    """A random Llama-family config.json dict and a bit width, for the unseen inputs."""
+    heads = r.choice((4, 8, 16, 32))
+    config: dict[str, Any] = {
+        "hidden_size": heads * r.choice((32, 64, 128)),
+        "num_attention_heads": heads,
+        "num_hidden_layers": r.randint(1, 40),
+        "intermediate_size": 64 * r.randint(4, 200),
+        "vocab_size": r.randint(1000, 200_000),
+        "tie_word_embeddings": r.random() < 0.5,
+    }
+    if r.random() < 0.7:
+        config["num_key_value_heads"] = r.choice([d for d in (1, 2, 4, 8) if heads % d == 0])
+    if r.random() < 0.3:
+        config["head_dim"] = r.choice((64, 96, 128))
+    return config, r.choice((4, 8, 16))
 
 
 def _params(config: dict[str, Any]) -> tuple[int, int, int]:
@@ -223,4 +243,5 @@ def _decode_weight_bytes(answer: Any) -> str:
             (WIDE_HEADS, 16),
         )
     ]
+    cases += [(args, reference_decode_weight_bytes(*args)) for args in unseen(_random_config)]
     return check_cases(answer, cases, rel=1e-9, hint=_weights_hint)
