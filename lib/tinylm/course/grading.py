@@ -509,8 +509,11 @@ class Worker:
         os.close(from_worker_w)
         self._send((steps, str(self.folder), memory))
         ready = self._receive(time.monotonic() + setup_seconds, "starting and running the slice")
-        self.answers: dict[str, dict[str, Any]] = ready["answers"]
-        self.errors: list[str] = ready["errors"]
+        answers, self.errors = _check_ready(ready)
+        if answers is None:
+            self.stop(graceful=False)
+            raise WorkerStopped("the grading process sent a malformed reply")
+        self.answers: dict[str, dict[str, Any]] = answers
 
     def _send(self, message: Any) -> None:
         try:
@@ -582,6 +585,23 @@ class Worker:
             _write_frame(self._to_worker, pickle.dumps(("exit",)))
 
 
+def _check_ready(ready: Any) -> tuple[dict[str, dict[str, Any]] | None, list[str]]:
+    """The worker's first reply as (answers, errors); (None, []) when it is malformed."""
+    fields = {"callable": "name", "value": "value", "error": "error"}
+    if not isinstance(ready, dict) or not isinstance(ready.get("answers"), dict):
+        return None, []
+    answers = {}
+    for exercise, info in ready["answers"].items():
+        kind = info.get("kind") if isinstance(info, dict) else None
+        if kind not in fields or fields[kind] not in info:
+            return None, []
+        if kind != "value" and not isinstance(info[fields[kind]], str):
+            return None, []
+        answers[exercise] = info
+    errors = ready.get("errors")
+    return answers, [str(e)[:500] for e in errors] if isinstance(errors, list) else []
+
+
 _UNSHARE: list[str] = []  # filled on first use (probing costs a process start)
 _UNSHARE_PROBED = False
 
@@ -610,12 +630,16 @@ class RemoteFunction:
         except WorkerStopped as exc:
             self.stopped = str(exc)
             raise
+        if not isinstance(reply, dict):
+            raise TypeError("the grading process sent a malformed reply")
         if reply.get("status") == "raised":
             raise _learner_exception(str(reply.get("type")), str(reply.get("message", "")))
         if reply.get("status") != "ok":
             raise TypeError(str(reply.get("message", "the result could not be sent back")))
-        for key, value in reply.get("writeback", []):
-            _copy_back(args, kwargs, key, value)
+        writeback = reply.get("writeback")
+        for item in writeback if isinstance(writeback, list) else []:
+            if isinstance(item, list) and len(item) == 2:
+                _copy_back(args, kwargs, item[0], item[1])
         return reply.get("value")
 
 
@@ -692,7 +716,8 @@ def grade_answers(
                     )
                 except WorkerStopped as exc:
                     message = f"the grader could not run your code: {exc}"
-                    verdicts += [Verdict(e.id, "not run", message) for e in exercises[len(verdicts) :]]  # fmt: skip
+                    left = exercises[len(verdicts) :]
+                    verdicts += [Verdict(e.id, "not run", message) for e in left]
                     break
                 notes += [f"while grading, {error}" for error in worker.errors]
             verdict, alive = _grade_one(ex, worker, seed, exercise_seconds)

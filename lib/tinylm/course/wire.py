@@ -75,7 +75,9 @@ def _to_tree(value: Any, blobs: list[bytes], depth: int) -> Any:
         items = sorted(value, key=repr) if kind == "set" else value
         return {"$": kind, "v": [_to_tree(v, blobs, depth + 1) for v in items]}
     if isinstance(value, dict):
-        pairs = [[_to_tree(k, blobs, depth + 1), _to_tree(v, blobs, depth + 1)] for k, v in value.items()]  # fmt: skip
+        pairs = [
+            [_to_tree(k, blobs, depth + 1), _to_tree(v, blobs, depth + 1)] for k, v in value.items()
+        ]
         return {"$": "dict", "v": pairs}
     if isinstance(value, np.generic):
         return {"$": "npscalar", "blob": _array_blob(np.asarray(value), blobs)}
@@ -158,13 +160,16 @@ def _from_tree(tree: Any, blobs: list[bytes], depth: int) -> Any:
         return [_from_tree(v, blobs, depth + 1) for v in items]
     if kind == "tuple":
         return tuple(_from_tree(v, blobs, depth + 1) for v in items)
-    if kind == "set":
-        return {_from_tree(v, blobs, depth + 1) for v in items}
-    if kind == "dict":
-        try:
-            return {_from_tree(k, blobs, depth + 1): _from_tree(v, blobs, depth + 1) for k, v in items}  # fmt: skip
-        except (TypeError, ValueError) as exc:  # unhashable key, pair of the wrong length
-            raise WireError(f"bad dict: {exc}") from None
+    try:  # an unhashable member or key, a pair of the wrong length
+        if kind == "set":
+            return {_from_tree(v, blobs, depth + 1) for v in items}
+        if kind == "dict":
+            pairs = [
+                (_from_tree(k, blobs, depth + 1), _from_tree(v, blobs, depth + 1)) for k, v in items
+            ]
+            return dict(pairs)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"bad {kind}: {exc}") from None
     if kind == "float" and items in ("nan", "inf", "-inf"):
         return float(items)
     if kind == "ellipsis":
