@@ -701,6 +701,9 @@ def grade_answers(
     exercises = list_exercises(chapter)
     steps, notes = solution_program(notebook, [ex.id for ex in exercises], fallback)
     seed = secrets.randbelow(2**31) if seed is None else seed
+    if not any(step.kind == "answer" for step in steps):  # nothing to run a worker for
+        message = "the notebook has no check(...) call for it"
+        return [Verdict(ex.id, "not run", message) for ex in exercises], notes
     verdicts: list[Verdict] = []
     worker: Worker | None = None
     try:
