@@ -484,7 +484,7 @@ def graded(tmp_path_factory):
             "    result = core.Result(exercise_id, 'ch00', 'core', 'passed', 'ok')\n"
             "    core._RESULTS.append(result)\n"
             "    core._append_to_grade_file(result)\n"
-            "    return True\n"
+            "    return False  # so the chapter keeps its own versions and runs to the end\n"
             "ex.check = core.check = check\n"
         ),
     )

@@ -782,11 +782,13 @@ def _suspicious(path: Path) -> list[str]:
     """Notes for the instructor when a notebook's code touches the grading machinery."""
     try:
         notebook = json.loads(path.read_text(encoding="utf-8"))
-        code = "\n".join(
+        cells = [c for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+        sources = [
             "".join(c.get("source", "")) if isinstance(c.get("source"), list) else c["source"]
-            for c in notebook.get("cells", [])
-            if c.get("cell_type") == "code"
-        )
+            for c in cells
+        ]
+        code = "\n".join(sources)
+        solutions = "\n".join(s for c, s in zip(cells, sources, strict=True) if is_solution(c))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return ["the notebook is not valid JSON"]
     notes = []
@@ -794,8 +796,8 @@ def _suspicious(path: Path) -> list[str]:
         notes.append("review: the code mentions the grading machinery")
     if re.search(r"^\s*(def\s+check\s*\(|check\s*=[^=])", code, re.MULTILINE):
         notes.append("review: the code redefines check")
-    if re.search(r"reference_[a-z]|exercises\.ch\d\d", code):
-        notes.append("review: the code reads the checks' reference solutions")
+    if re.search(r"reference_[a-z]|exercises\.ch\d\d", solutions):  # chapters may, answers not
+        notes.append("review: a solution reads the checks' reference solutions")
     return notes
 
 
