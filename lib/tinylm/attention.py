@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinylm.cache_positions import CachePositions
 from tinylm.config import GPTConfig
 from tinylm.layers import RMSNorm, apply_rope, rope_tables, rotate_half
 
@@ -30,7 +31,7 @@ __all__ = [
 # ----------------------------------------------------------------------------- KV cache
 
 
-class KVCache:
+class KVCache(CachePositions):
     """Preallocated per-layer attention memory for incremental decoding.
 
     Every layer owns a tuple of buffers shaped [B, heads, max_len, dim] (time in dim 2, so
@@ -50,7 +51,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        self.batch_size, self.max_len = batch_size, max_len
+        super().__init__(batch_size, max_len)
         self.layers = [
             tuple(
                 torch.zeros(batch_size, heads, max_len, dim, dtype=dtype, device=device)
@@ -59,8 +60,6 @@ class KVCache:
             for shapes in layer_shapes
         ]
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.pos = 0
-        self.has_padding = False  # lets the unpadded path skip building masks
 
     def write(self, layer: int, pos: int, *new: Tensor) -> None:
         """Store new entries [B, heads, T, dim] of `layer` at positions pos .. pos+T."""
@@ -78,15 +77,6 @@ class KVCache:
         """
         self.write(layer, self.pos, *new)
         return self.read(layer, self.pos + new[0].shape[2])
-
-    def advance(self, n: int) -> None:
-        """Mark n more positions as filled."""
-        self.pos += n
-
-    def reset(self) -> None:
-        """Forget the contents (keeps the allocation for the next prompt)."""
-        self.pos, self.has_padding = 0, False
-        self.mask.zero_()
 
     def nbytes(self) -> int:
         """Bytes held by the key/value buffers (the validity mask is not counted)."""

@@ -175,12 +175,10 @@ class GPT(nn.Module):
         None (the fast path) needs no padded key and queries that line up with the keys from
         position 0 (pos == 0), or a single query, which may see every key before it.
         """
-        padded = pad_mask is not None and not bool(pad_mask.all())
-        valid = pad_mask if padded else None
         if cache is not None:
-            cache.mask[:, pos : pos + T] = True if pad_mask is None else pad_mask
-            cache.has_padding |= padded
-            valid = cache.mask[:, : pos + T] if cache.has_padding else None
+            valid = cache.record_tokens(pad_mask, T)  # None while no padding was seen
+        else:
+            valid = pad_mask if pad_mask is not None and not bool(pad_mask.all()) else None
         if valid is None and (pos == 0 or T == 1):
             return None
         return attention_mask(valid, pos, T, self.rope_cos.device)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open  # the Rust reader; its NumPy front end needs no torch
 
+from tinylm.cache_positions import CachePositions  # no torch
 from tinylm.tokenizer import BPETokenizer  # pure Python, no torch
 from tinylm.util import sha256_file
 
@@ -247,7 +248,7 @@ def _dense_weight(lin: Linear | Int8Linear) -> np.ndarray:
 # ----------------------------------------------------------------------------- KV cache
 
 
-class NumpyKVCache:
+class NumpyKVCache(CachePositions):
     """Preallocated per-layer buffers [B, heads, max_len, dim], as tinylm.attention.KVCache.
 
     MHA/GQA/MQA keep (k, v) per layer; MLA keeps one latent buffer [c_kv | k_rope] with
@@ -258,14 +259,12 @@ class NumpyKVCache:
     def __init__(
         self, batch_size: int, max_len: int, layer_shapes: list[list[tuple[int, int]]]
     ) -> None:
-        self.batch_size, self.max_len = batch_size, max_len
+        super().__init__(batch_size, max_len)
         self.layers = [
             tuple(np.zeros((batch_size, h, max_len, d), dtype=F32) for h, d in shapes)
             for shapes in layer_shapes
         ]
         self.mask = np.zeros((batch_size, max_len), dtype=bool)
-        self.pos = 0
-        self.has_padding = False
 
     def update(self, layer: int, *new: np.ndarray) -> tuple[np.ndarray, ...]:
         """Write entries [B, heads, T, dim] at `pos`; return views of positions 0 .. pos+T."""
@@ -921,9 +920,7 @@ class NumpyLM(CachedLM):
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}.")
         pos = cache.pos
-        cache.mask[:, pos : pos + T] = True if pad_mask is None else pad_mask
-        cache.has_padding |= pad_mask is not None and not pad_mask.all()
-        mask = attention_mask(cache.mask[:, : pos + T] if cache.has_padding else None, pos, T)
+        mask = attention_mask(cache.record_tokens(pad_mask, T), pos, T)
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         record = (lambda name, x: trace.__setitem__(name, x)) if trace is not None else None
 
@@ -946,7 +943,7 @@ class NumpyLM(CachedLM):
         if record:
             record("norm", x)
             record("logits", logits)
-        cache.pos += T
+        cache.advance(T)
         return logits
 
     def trace(self, ids: Any) -> dict[str, np.ndarray]:

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from tinylm.cache_positions import CachePositions
 from tinylm.port.numpy_runtime import CachedLM, activation_names
 
 METADATA_KEY = "tinylm.config"  # GPTConfig.to_dict() as JSON, stored in the ONNX file
@@ -80,7 +81,7 @@ def __getattr__(name: str) -> Any:
 # ----------------------------------------------------------------------------- the runtime
 
 
-class OnnxCache:
+class OnnxCache(CachePositions):
     """The KV cache of an OnnxLM: the last `present` arrays, fed back as the next `past`.
 
     ONNX Runtime returns new arrays each step (the graph appends with Concat), so there is
@@ -88,10 +89,9 @@ class OnnxCache:
     """
 
     def __init__(self, batch_size: int, max_len: int, empty: list[np.ndarray]) -> None:
-        self.batch_size, self.max_len = batch_size, max_len
+        super().__init__(batch_size, max_len)
         self.arrays = empty
         self.mask = np.zeros((batch_size, max_len), dtype=bool)
-        self.pos = 0
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
@@ -185,12 +185,12 @@ class OnnxLM(CachedLM):
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}.")
         pos = cache.pos
-        cache.mask[:, pos : pos + T] = True if pad_mask is None else pad_mask
+        cache.record_tokens(pad_mask, T)
         feed = {"input_ids": ids, "attention_mask": cache.mask[:, : pos + T].astype(np.int64)}
         feed.update(zip(self.past_names, cache.arrays, strict=True))
         outputs = self.session.run(None, feed)
         cache.arrays = outputs[1 : 1 + self.n_present]
-        cache.pos += T
+        cache.advance(T)
         return outputs
 
     def forward(
