@@ -647,6 +647,31 @@ class CachedLM:
 
     config: dict[str, Any]
 
+    def _checked_call(self, ids: Any, cache: Any) -> tuple[np.ndarray, Any]:
+        """ids as a contiguous int64 [B, T] array and a cache that has room for them.
+
+        The checks every port's forward makes before running (a new cache when none is given).
+        """
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"ids must be [batch, time] with time >= 1, got shape {ids.shape}.")
+        B, T = ids.shape
+        if cache is None:
+            if T > self.context_length:
+                raise ValueError(
+                    f"input has {T} tokens but context_length is {self.context_length}; "
+                    "keep the last context_length tokens."
+                )
+            cache = self.new_cache(B, T)
+        if cache.batch_size != B or cache.pos + T > cache.max_len:
+            raise ValueError(
+                f"cache (batch {cache.batch_size}, {cache.pos}/{cache.max_len} positions used) "
+                f"cannot take {T} more tokens for batch {B}; make a new cache."
+            )
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}.")
+        return ids, cache
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> Any:
         raise NotImplementedError
 
@@ -901,24 +926,8 @@ class NumpyLM(CachedLM):
         pad_mask [B, T] (True = real token) for left-padded batches. trace: a dict that receives
         every activation of `activation_names()` (use `trace()` for the common case).
         """
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"ids must be [batch, time] with time >= 1, got shape {ids.shape}.")
+        ids, cache = self._checked_call(ids, cache)
         B, T = ids.shape
-        if cache is None:
-            if T > self.context_length:
-                raise ValueError(
-                    f"input has {T} tokens but context_length is {self.context_length}; "
-                    "keep the last context_length tokens."
-                )
-            cache = self.new_cache(B, T)
-        if cache.batch_size != B or cache.pos + T > cache.max_len:
-            raise ValueError(
-                f"cache (batch {cache.batch_size}, {cache.pos}/{cache.max_len} positions used) "
-                f"cannot take {T} more tokens for batch {B}; make a new cache."
-            )
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}.")
         pos = cache.pos
         mask = attention_mask(cache.record_tokens(pad_mask, T), pos, T)
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]

@@ -166,24 +166,8 @@ class OnnxLM(CachedLM):
     def _run(
         self, ids: np.ndarray, cache: OnnxCache | None, pad_mask: np.ndarray | None
     ) -> list[np.ndarray]:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"ids must be [batch, time] with time >= 1, got shape {ids.shape}.")
+        ids, cache = self._checked_call(ids, cache)
         B, T = ids.shape
-        if cache is None:
-            if T > self.context_length:
-                raise ValueError(
-                    f"input has {T} tokens but context_length is {self.context_length}; "
-                    "keep the last context_length tokens."
-                )
-            cache = self.new_cache(B, T)
-        if cache.batch_size != B or cache.pos + T > cache.max_len:
-            raise ValueError(
-                f"cache (batch {cache.batch_size}, {cache.pos}/{cache.max_len} positions used) "
-                f"cannot take {T} more tokens for batch {B}; make a new cache."
-            )
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}.")
         pos = cache.pos
         cache.record_tokens(pad_mask, T)
         feed = {"input_ids": ids, "attention_mask": cache.mask[:, : pos + T].astype(np.int64)}
