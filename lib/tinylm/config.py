@@ -16,6 +16,15 @@ MLP_KINDS = ("dense", "moe")
 MOE_BALANCE_KINDS = ("bias", "aux_loss", "none")
 
 
+#: Named sizes of the same architecture (GPTConfig.preset). The big ones scale the default's
+#: 1024-token vocabulary up to 8192 so that most weights sit in the blocks, as in real LLMs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "100M": dict(vocab_size=8192, context_length=1024, n_layer=12, n_head=12, n_embd=768),
+    "300M": dict(vocab_size=8192, context_length=1024, n_layer=24, n_head=16, n_embd=1024),
+}
+
+
 def _round_to_multiple(x: float, multiple: int = 8) -> int:
     """Round x to the nearest multiple (at least one multiple): friendlier matmul shapes."""
     return max(multiple, multiple * round(x / multiple))
@@ -208,6 +217,18 @@ class GPTConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict of all fields (resolved sizes included)."""
         return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A named size of the same GPT: "default" (~1M), "100M" or "300M" parameters.
+
+        The big presets exist to time decoding on models that do not fit a CPU's caches
+        (nobody trains them here: random weights time the same). GPT(config) checks that the
+        float32 weights fit in RAM before allocating them. overrides: any other field.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:

@@ -39,7 +39,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -49,6 +48,7 @@ from tinylm.checkpoint import _swap_into_place
 from tinylm.config import GPTConfig
 from tinylm.model import GPT
 from tinylm.tokenizer import BPETokenizer
+from tinylm.util import check_memory as util_check_memory
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -59,7 +59,6 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 # model_type -> what the architecture adds on top of Llama (checked in _check_config).
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # Config fields that only matter to training or to HF's own code paths.
-_MEMORY_HEADROOM = 0.9  # use at most this share of the available RAM
 
 
 class HFImportError(ValueError):
@@ -300,14 +299,11 @@ def _tensor_sizes(files: list[Path]) -> dict[str, tuple[Path, int]]:
 
 
 def check_memory(nbytes: int, what: str) -> None:
-    """Raise MemoryError before allocating `nbytes` if they do not fit in the available RAM."""
-    available = psutil.virtual_memory().available
-    if nbytes > _MEMORY_HEADROOM * available:
-        raise MemoryError(
-            f"{what} needs {nbytes / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB of "
-            "RAM is available; fix: load with dtype=torch.bfloat16 (half of float32), free "
-            "memory, or pick a smaller model."
-        )
+    """Raise MemoryError before allocating `nbytes` if they do not fit (tinylm.util's check)."""
+    util_check_memory(
+        nbytes, what, "load with dtype=torch.bfloat16 (half of float32), free memory, or pick a "
+        "smaller model"
+    )  # fmt: skip
 
 
 def hf_folder(

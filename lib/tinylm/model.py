@@ -31,6 +31,7 @@ from tinylm.config import (
 )
 from tinylm.layers import RMSNorm, SwiGLU
 from tinylm.moe import MoE
+from tinylm.util import check_memory
 
 # GPTConfig and the kinds live in tinylm.config, RMSNorm and SwiGLU in tinylm.layers; they
 # stay importable from here.
@@ -80,6 +81,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        # Big presets (GPTConfig.preset("300M")) are 1+ GB in float32: fail clearly, not swap.
+        check_memory(
+            4 * count_parameters(config), f"a GPT of {count_parameters(config) / 1e6:.0f}M "
+            "parameters (float32)", "close other programs or use a smaller config, e.g. "
+            "GPTConfig.preset('100M') or GPTConfig()",
+        )  # fmt: skip
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)

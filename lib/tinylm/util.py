@@ -11,6 +11,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+#: Use at most this share of the RAM available now (the rest is for activations, the OS).
+MEMORY_HEADROOM = 0.9
+
+
+def available_memory_bytes() -> int:
+    """Bytes of RAM the operating system can give this process now."""
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(nbytes: int, what: str, fix: str = "free memory or pick a smaller model") -> None:
+    """Raise MemoryError *before* allocating `nbytes` if they do not fit in the available RAM."""
+    available = available_memory_bytes()
+    if nbytes > MEMORY_HEADROOM * available:
+        raise MemoryError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB of "
+            f"RAM is available; fix: {fix}."
+        )
+
 
 def kernel_shell() -> Any:
     """The running IPython shell if we are inside a Jupyter kernel (headless ones too), else None."""

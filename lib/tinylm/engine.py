@@ -1,0 +1,513 @@
+"""A low-overhead decode path: a static KV cache, a compiled decode step, low-bit weights.
+
+    engine = Engine(model, weights="int4-g32")          # compile="auto" by default
+    ids = engine.generate(prompt_ids, 50)               # greedy: the same tokens as generate()
+    engine.compiled, engine.fallback_reason, engine.weight_bytes
+
+Why it exists: a decode step of a small model is mostly *overhead*. Eager PyTorch launches
+each op separately (tens of ops per layer, a few microseconds each), and tinylm.model's
+forward also slices the cache to a length that grows every step, so nothing about the step
+stays the same. The Engine removes both:
+
+- Static shapes. The KV cache is preallocated for max_len positions; a step writes its
+  keys/values at a position held in a *tensor* (`index_copy_`) and attends over all max_len
+  slots with a mask hiding the unwritten ones. Every step then has identical shapes, so one
+  compiled kernel sequence serves them all.
+- torch.compile fuses the small ops of each block into a few kernels. On a CPU the *block*
+  is compiled, once, and reused by every layer (same shapes: "regional" compilation), so
+  compile time does not grow with depth. On CUDA the whole step is compiled with
+  mode="reduce-overhead" (CUDA graphs: one launch replays the step).
+  Where compiling is impossible (no C++ compiler, an unsupported platform, a compile
+  error) the Engine prints one line saying why and runs eagerly.
+- Low-bit weights on real kernels: "bf16" halves the bytes each step reads; "int8"
+  (per-channel, `aten._weight_int8pack_mm`) and "int4-g32" (groups of 32, tinylm's
+  symmetric quantiser, `aten._weight_int4pack_mm[_for_cpu]`) read 1 and ~0.56 bytes per
+  weight *inside* the matmul, instead of expanding the weight to floats first. Activations
+  are bf16 for all three (PyTorch's CPU int8 kernel is slower with float32 activations).
+
+Supported: attention "mha", "gqa", "mqa" and "mla" (plain or absorbed), dense MLP. A
+mixture-of-experts model runs eagerly with fp32 or bf16 weights (its routing gives every
+step data-dependent shapes, so it is not compiled; its experts are not quantised here).
+Greedy output equals tinylm.generate.generate for fp32 weights; logits agree within
+LOGITS_ATOL (the masked static attention sums in another order).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinylm.attention import CausalSelfAttention, KVCache
+from tinylm.generate import _check_sampling, _sample
+from tinylm.layers import apply_rope
+from tinylm.model import GPT, Block, count_parameters
+from tinylm.quant import quantize_tensor
+from tinylm.util import check_memory
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4-g32")
+INT4_GROUP = 32
+#: Largest |logit difference| between Engine (fp32, eager or compiled) and GPT.forward
+#: seen on the trained default model is ~1e-5; this bound leaves room for other CPUs.
+LOGITS_ATOL = 1e-3
+
+
+def _say(message: str) -> None:
+    print(f"tinylm.engine: {message}")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _op(name: str) -> Callable[..., Tensor] | None:
+    return getattr(torch.ops.aten, name, None)
+
+
+def low_bit_kernels(device: torch.device) -> dict[str, str | None]:
+    """For "int8" and "int4-g32": None if this torch has the kernel on `device`, else why not."""
+    cpu = device.type == "cpu"
+    need = {
+        "int8": ["_weight_int8pack_mm"],
+        "int4-g32": (
+            ["_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"]
+            if cpu
+            else ["_convert_weight_to_int4pack", "_weight_int4pack_mm"]
+        ),
+    }
+    if not cpu and device.type != "cuda":
+        return {k: f"no low-bit kernel for {device.type} in torch" for k in need}
+    out: dict[str, str | None] = {}
+    for fmt, ops in need.items():
+        missing = [op for op in ops if _op(op) is None]
+        out[fmt] = (
+            None
+            if not missing
+            else f"torch {torch.__version__} lacks aten.{missing[0]} (upgrade torch to >= 2.6)"
+        )
+    return out
+
+
+class Int8WeightLinear(nn.Module):
+    """y = x W^T with W stored as int8 codes + one bf16 scale per output row (weight-only).
+
+    The kernel (`aten._weight_int8pack_mm`) reads the int8 bytes and scales inside the dot
+    product; nothing is expanded to floats in memory.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q = quantize_tensor(linear.weight, bits=8, granularity="channel")
+        self.out_features, self.in_features = linear.weight.shape
+        # The kernel reads K in blocks of 16 and returns garbage (or crashes) otherwise, so
+        # pad the inputs with zero columns (zero weights: the result is unchanged).
+        self.pad = -self.in_features % 16
+        data = F.pad(q.data, (0, self.pad))
+        self.register_buffer("weight_int8", data.contiguous())  # int8 [out, in + pad]
+        self.register_buffer("scales", q.scale.reshape(-1).to(torch.bfloat16))
+
+    def dequantized(self) -> Tensor:
+        """The float weight this layer multiplies by (the reference for tests)."""
+        w = self.weight_int8[:, : self.in_features].float()
+        return w * self.scales.float()[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int4WeightLinear(nn.Module):
+    """y = x W^T with W stored as 4-bit codes in groups of 32 (tinylm's symmetric int4).
+
+    The codes come from tinylm.quant.quantize_tensor(bits=4, group_size=32); they are
+    repacked into the tile layout of PyTorch's int4 kernel, which computes
+    (code - 8) * scale + zero per weight inside the matmul; symmetric means zero = 0.
+    Storage: in/2 bytes of codes per row, plus 2 bf16 (scale, zero) per group: the zero
+    points are padding this kernel needs (counted in weight_bytes: 0.625 bytes per weight).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        self.out_features, self.in_features = out_f, in_f
+        q = quantize_tensor(linear.weight, bits=4, group_size=INT4_GROUP)
+        # The quantiser pads each row to whole groups (code 8 = weight 0); inputs get the
+        # same zero columns in forward.
+        self.pad = q.data.shape[1] * 2 - in_f
+        nibbles = torch.stack((q.data & 0x0F, q.data >> 4), dim=-1).reshape(out_f, -1)
+        # The CPU kernel packs output rows in tiles of 16: pad with rows of weight 0 (code 8).
+        self.pad_out = -out_f % 16
+        codes = F.pad(nibbles.to(torch.int32), (0, 0, 0, self.pad_out), value=8)  # code + 8
+        scale = F.pad(q.scale.float(), (0, 0, 0, self.pad_out), value=1.0).t()  # [groups, out]
+        scales_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1)
+        self.cpu = linear.weight.device.type == "cpu"
+        if self.cpu:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        else:
+            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16).contiguous())
+        self._codes = codes  # not a buffer (not counted, not moved): for dequantized() only
+
+    def dequantized(self) -> Tensor:
+        """The float weight the kernel multiplies by (codes - 8) * bf16 scale."""
+        codes, sz = self._codes, self.scales_zeros
+        scale = sz[..., 0].float().t().repeat_interleave(INT4_GROUP, dim=1)
+        return ((codes.float() - 8) * scale)[: self.out_features, : self.in_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))
+        if self.cpu:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.weight_int4, INT4_GROUP, self.scales_zeros
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2, self.weight_int4, INT4_GROUP, self.scales_zeros
+            )
+        if self.pad_out:
+            y = y[:, : self.out_features]
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, make(child))
+        else:
+            _replace_linears(child, make)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer that is a weight (RoPE tables excluded), counted once."""
+    seen: set[int] = set()
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or name.startswith("rope_") or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here (None if it should): checked before trying."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if sys.platform == "win32" and device.type == "cpu":
+        return "torch.compile's CPU backend is not supported on Windows here"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        return "no C++ compiler found (install g++ or clang to compile decode steps)"
+    if device.type not in ("cpu", "cuda"):
+        return f"torch.compile is not set up for {device.type} here"
+    return None
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _attention(
+    attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, bufs: tuple, pos: Tensor
+) -> Tensor:
+    """Attention of T new tokens at positions `pos` [T] against the whole static cache."""
+    B, T, C = x.shape
+    if isinstance(attn, CausalSelfAttention):
+        H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+        q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = bufs
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=Hkv != H)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+    # Multi-head latent attention: the same algebra as MultiHeadLatentAttention.forward.
+    H, D, Dr, r = attn.n_head, attn.head_dim, attn.rope_head_dim, attn.kv_lora_rank
+    if hasattr(attn, "q_proj"):
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_norm(attn.q_a_proj(x)))
+    q_nope, q_rope = q.view(B, T, H, D + Dr).transpose(1, 2).split([D, Dr], dim=-1)
+    q_rope = apply_rope(q_rope, cos, sin)
+    c_kv, k_rope = attn.kv_a_proj(x).split([r, Dr], dim=-1)
+    latent = torch.cat((attn.kv_norm(c_kv), apply_rope(k_rope, cos, sin)), dim=-1).unsqueeze(1)
+    (cache,) = bufs
+    cache.index_copy_(2, pos, latent)
+    S = cache.shape[2]
+    c_all, k_rope_all = cache.split([r, Dr], dim=-1)
+    if attn.absorb:
+        w_kv = attn.kv_b_proj.weight
+        w_uk, w_uv = w_kv.view(H, 2 * D, r).split([D, D], dim=1)
+        y = F.scaled_dot_product_attention(
+            torch.cat((q_nope @ w_uk, q_rope), dim=-1),
+            cache,
+            c_all,
+            attn_mask=mask,
+            scale=attn.scale,
+            enable_gqa=True,
+        )
+        y = y @ w_uv.transpose(1, 2)
+    else:
+        kv = attn.kv_b_proj(c_all).view(B, S, H, 2 * D).transpose(1, 2)
+        k_nope, v = kv.split([D, D], dim=-1)
+        k = torch.cat((k_nope, k_rope_all.expand(B, H, S, Dr)), dim=-1)
+        y = F.scaled_dot_product_attention(
+            torch.cat((q_nope, q_rope), dim=-1), k, v, attn_mask=mask, scale=attn.scale
+        )
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def block_step(
+    block: Block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, bufs: tuple, pos: Tensor
+) -> Tensor:
+    """One transformer block over the static cache (what the CPU path compiles, once)."""
+    x = x + _attention(block.attn, block.attn_norm(x), cos, sin, mask, bufs, pos)
+    return x + block.mlp(block.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Decode with a static KV cache, a compiled step and optional low-bit weights.
+
+    model: a tinylm GPT (not modified: converted weights go into a copy).
+    max_batch: rows the cache holds; max_len: positions (default context_length).
+    compile: "auto"/True compile when possible (else eager, with one printed line saying
+        why); False: eager. weights: "fp32", "bf16", "int8" or "int4-g32".
+    Attributes: compiled, fallback_reason, weight_bytes (bytes of all weights as stored),
+    step_weight_bytes (bytes a decode step reads: all weights but the embedding table, of
+    which it reads one row per token), compile_seconds (per batch size compiled).
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        compile: str | bool = "auto",
+        weights: str = "fp32",
+    ) -> None:
+        if not isinstance(model, GPT):
+            raise TypeError(f"Engine takes a tinylm.model.GPT, got {type(model).__name__}.")
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights={weights!r}: choose one of {WEIGHT_FORMATS}.")
+        if compile not in ("auto", True, False):
+            raise ValueError(f"compile={compile!r}: use 'auto', True or False.")
+        cfg = model.config
+        ctx = cfg.context_length
+        self.max_len = ctx if max_len is None else max_len
+        if not 1 <= self.max_len <= ctx:
+            raise ValueError(f"max_len={max_len} must be in 1..context_length={ctx}.")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}.")
+        self.config, self.max_batch, self.weights = cfg, max_batch, weights
+        self.device = model.lm_head.weight.device
+        self.fallback_reason: str | None = None
+        moe = cfg.mlp == "moe"
+        if moe and weights not in ("fp32", "bf16"):
+            raise ValueError(
+                f"weights={weights!r} is not supported for mixture-of-experts models (their "
+                "experts are not nn.Linear layers the low-bit kernels replace); use 'fp32' or "
+                "'bf16', or tinylm.quant.quantize_model for quality experiments."
+            )
+        if weights in ("int8", "int4-g32"):
+            missing = low_bit_kernels(self.device)[weights]
+            if missing:
+                _say(f"weights={weights!r} unavailable ({missing}); using 'bf16' instead.")
+                self.fallback_reason = f"{weights}: {missing}"
+                weights = self.weights = "bf16"
+        self.model = self._convert(model, weights)
+        self.dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+        self.weight_bytes = weight_bytes(self.model)
+        emb = self.model.tok_emb.weight
+        self.step_weight_bytes = self.weight_bytes - (
+            0 if cfg.tie_embeddings else emb.numel() * emb.element_size()
+        )
+        self.rope_cos = self.model.rope_cos[: self.max_len].to(self.dtype)
+        self.rope_sin = self.model.rope_sin[: self.max_len].to(self.dtype)
+        shapes = [block.attn.cache_shapes() for block in self.model.blocks]
+        cache = KVCache(max_batch, self.max_len, shapes, self.dtype, self.device)
+        self.cache_layers = cache.layers  # its buffers; pos and mask live in tensors here
+        self.compile_seconds: dict[int, float] = {}
+        self._block_fn: Callable[..., Tensor] = block_step
+        self._step_fn: Callable[..., Tensor] = self._step
+        self.compiled = False
+        if compile is not False:
+            reason = compile_unavailable_reason(self.device)
+            if reason is None and moe:
+                reason = "mixture-of-experts routing has data-dependent shapes"
+            if reason is None:
+                self._compile()
+            else:
+                self._fall_back(reason)
+
+    # -- setup
+
+    def _convert(self, model: GPT, weights: str) -> GPT:
+        if weights == "fp32":
+            if model.lm_head.weight.dtype != torch.float32:
+                raise ValueError("weights='fp32' needs a float32 model; call model.float() first.")
+            return model.eval()
+        if weights != "bf16" and any(getattr(b.attn, "absorb", False) for b in model.blocks):
+            raise ValueError(
+                "absorbed MLA multiplies by kv_b_proj's weight matrix directly, so it cannot be "
+                f"stored as {weights!r}; use weights='bf16' or model.set_mla_absorb(False)."
+            )
+        check_memory(  # the converted copy starts as a float32 deep copy
+            4 * count_parameters(model.config), f"converting the weights to {weights}",
+            "free memory, or use weights='fp32' (no copy)",
+        )  # fmt: skip
+        new = copy.deepcopy(model).eval()
+        new.to(torch.bfloat16)
+        if weights == "int8":
+            _replace_linears(new.blocks, Int8WeightLinear)
+            new.lm_head = Int8WeightLinear(new.lm_head)
+        elif weights == "int4-g32":
+            _replace_linears(new.blocks, Int4WeightLinear)
+            new.lm_head = Int4WeightLinear(new.lm_head)
+        return new
+
+    def _compile(self) -> None:
+        import torch._dynamo  # noqa: F401  (makes the compiler's errors importable below)
+
+        if self.device.type == "cuda":
+            # One CUDA graph for the whole step: launching it costs one call, not hundreds.
+            self._step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
+        else:
+            # One compiled block reused by every layer: compile time does not grow with depth.
+            self._block_fn = torch.compile(block_step, fullgraph=True, dynamic=False)
+        self.compiled = True
+
+    def _fall_back(self, reason: str) -> None:
+        _say(f"decoding eagerly (not compiled): {reason}.")
+        self.fallback_reason = reason
+        self._block_fn, self._step_fn, self.compiled = block_step, self._step, False
+
+    # -- forward
+
+    def _step(
+        self, idx: Tensor, pos: Tensor, block_fn: Callable[..., Tensor] = block_step
+    ) -> Tensor:
+        """Logits [B, T, V] of tokens idx [B, T] written at positions pos [T]."""
+        B = idx.shape[0]
+        mask = torch.arange(self.max_len, device=idx.device) <= pos[:, None]  # [T, max_len]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        x = self.model.tok_emb(idx)
+        for block, bufs in zip(self.model.blocks, self.cache_layers, strict=True):
+            bufs = tuple(b[:B] for b in bufs) if B < self.max_batch else bufs
+            x = block_fn(block, x, cos, sin, mask, bufs, pos)
+        return self.model.lm_head(self.model.norm(x))
+
+    def _decode(self, token: Tensor, pos: Tensor) -> Tensor:
+        """One decode step (the compiled one), compiling on first use of this batch size."""
+        B = token.shape[0]
+        if not self.compiled or B in self.compile_seconds:
+            return self._step_fn(token, pos, self._block_fn)
+        start = time.perf_counter()
+        try:
+            logits = self._step_fn(token, pos, self._block_fn)
+        except Exception as err:  # noqa: BLE001  any compiler failure -> eager, never fail
+            self._fall_back(
+                f"compile error ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+            )
+            return self._step(token, pos)
+        self.compile_seconds[B] = time.perf_counter() - start
+        _say(
+            f"compiled the decode step for batch {B} in {self.compile_seconds[B]:.1f} s (once per shape)."
+        )
+        return logits
+
+    def _batch(
+        self, prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Tensor
+    ) -> tuple[Tensor, bool]:
+        ids = (
+            torch.as_tensor(prompt_ids, dtype=torch.long)
+            if not isinstance(prompt_ids, Tensor)
+            else prompt_ids
+        )
+        batched = ids.dim() == 2
+        ids = ids.reshape(1, -1) if not batched else ids
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError("prompt_ids: give token ids [T] or equal-length rows [B, T], T >= 1.")
+        if ids.shape[0] > self.max_batch:
+            raise ValueError(
+                f"{ids.shape[0]} prompts but the Engine was built with max_batch={self.max_batch}; "
+                "build it with a larger max_batch."
+            )
+        V = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"token ids must be in 0..{V - 1} (this model's vocabulary).")
+        return ids.to(self.device), batched
+
+    def reset(self) -> None:
+        """Forget the cached keys/values (the masks hide them anyway; this is for tidiness)."""
+        for bufs in self.cache_layers:
+            for b in bufs:
+                b.zero_()
+
+    @torch.inference_mode()
+    def prefill(self, ids: Tensor) -> Tensor:
+        """Fill the cache with prompts ids [B, T] (eager); next-token logits [B, V] (float32)."""
+        pos = torch.arange(ids.shape[1], device=self.device)
+        return self._step(ids, pos)[:, -1].float()
+
+    @torch.inference_mode()
+    def decode_step(self, token: Tensor, position: int) -> Tensor:
+        """Logits [B, V] (float32) for tokens [B] at `position` (the cache holds 0..position-1)."""
+        pos = torch.tensor([position], device=self.device)
+        return self._decode(token.view(-1, 1), pos)[:, -1].float()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[int] | list[list[int]]:
+        """New token ids for one prompt (-> list[int]) or equal-length rows (-> list[list])."""
+        _check_sampling(temperature, top_k, top_p)
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+        ids, batched = self._batch(prompt_ids)
+        B, T = ids.shape
+        if T + max_new_tokens - 1 > self.max_len:
+            raise ValueError(
+                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) - 1 exceeds max_len="
+                f"{self.max_len}; shorten them or build the Engine with a larger max_len."
+            )
+        gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        out: list[Tensor] = []
+        if max_new_tokens:
+            logits = self.prefill(ids)
+            token = _sample(logits, temperature, top_k, top_p, gen)
+            out.append(token)
+            for i in range(1, max_new_tokens):
+                logits = self.decode_step(token, T + i - 1)
+                token = _sample(logits, temperature, top_k, top_p, gen)
+                out.append(token)
+        rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
+        return rows if batched else rows[0]
