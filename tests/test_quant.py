@@ -121,9 +121,34 @@ def test_round_trip_error_is_at_most_half_a_step(kind, shape, bits, symmetric, g
     step = q.step().double()
     qmax = qrange(bits, symmetric)[1]
     err = (w.double() - w_hat.double()).abs()
-    assert (err <= step / 2 + step * qmax * 2**-23).all()
+    bound = step / 2 + step * qmax * 2**-23
+    if bits == 4 and symmetric:
+        # Q4_0's rule: the side opposite the extreme ends at code +7, one short of the
+        # extreme's -8, so a weight clamped there may be off by up to one step.
+        clamped = (q.codes()[..., : w.shape[-1]].reshape(w.shape) == 7) & (err > bound)
+        assert (err[clamped] <= step[clamped] * (1 + 2**-20)).all()
+        err, bound = err[~clamped], bound[~clamped]
+    assert (err <= bound).all()
     # and the bound is not vacuous: some element is rounded by close to half a step
-    assert (err / step).max() > 0.25
+    assert (err / bound).max() > 0.5
+
+
+def test_symmetric_int4_uses_16_levels_and_is_no_worse_than_q4_0():
+    g = torch.Generator().manual_seed(7)
+    # rows with a positive extreme, a negative one, and an outlier, in blocks of 32
+    w = torch.randn(24, 256, generator=g)
+    w[0, 3], w[1, 40], w[2, 77] = 9.0, -9.0, 25.0
+    q = quantize_tensor(w, 4, 32)
+    assert qrange(4, True) == (-8, 7) and q.codes().unique().tolist() == list(range(-8, 8))
+    ours = (q.dequantize() - w).abs()
+    q4_0 = (dequantize_q4_0(quantize_q4_0(w), w.shape) - w).abs()
+    assert ours.pow(2).mean() <= q4_0.pow(2).mean()
+    assert (ours <= q4_0 + 1e-6).all()  # element by element, up to float rounding
+    # and 15 levels (max|w| / 7, codes -7..7) is clearly worse on the same tensor
+    blocks = w.reshape(-1, 32)
+    s15 = blocks.abs().amax(1, keepdim=True) / 7
+    err15 = ((blocks / s15).round().clamp(-7, 7) * s15 - blocks).pow(2).mean()
+    assert ours.pow(2).mean() < 0.95 * err15
 
 
 def test_public_signature_and_defaults():
@@ -141,7 +166,7 @@ def test_public_signature_and_defaults():
 def test_asymmetric_uses_the_full_code_range_on_a_shifted_group():
     w = torch.linspace(-0.1, 1.4, 32)[None]  # mostly positive: symmetric wastes codes
     sym, asym = quantize_tensor(w, 4, 32, True), quantize_tensor(w, 4, 32, False)
-    assert asym.scale.float().item() < sym.scale.float().item()
+    assert asym.scale.float().item() < sym.scale.float().abs().item()
     err = lambda q: (w - dequantize_tensor(q)).abs().max().item()
     assert err(asym) < err(sym)
     assert asym.codes().min() == 0 and asym.codes().max() == 15

@@ -59,8 +59,10 @@ def to_q8_0(q: QuantizedTensor) -> Tensor:
 def to_q4_0(q: QuantizedTensor) -> Tensor:
     """Write an "int4-g32" tensor as llama.cpp Q4_0 blocks: uint8 [n_blocks, 18].
 
-    Our codes -7..7 (+8 = 1..15) are valid Q4_0 nibbles with the same d; only the nibble
-    order changes (Q4_0 pairs element j with j + 16, we pair neighbours 2i and 2i + 1).
+    Our symmetric int4 is Q4_0's rule (codes -8..7, d = signed extreme / -8), so the codes
+    (+8 = 0..15) are Q4_0 nibbles with the same d (ours rounds |d| up to fp16, Q4_0 to
+    nearest); only the nibble order changes (Q4_0 pairs element j with j + 16, we pair
+    neighbours 2i and 2i + 1).
     """
     _check_block_layout(q, 4)
     nibbles = unpack_int4(q.data).reshape(-1, 32)

@@ -3,10 +3,16 @@
 Round-to-nearest (RTN) quantisation stores each weight w as a small integer code q plus a
 float scale s shared by a group of weights (and, asymmetric, an integer zero point z):
 
-    symmetric    w ~ s * q         q in [-qmax, qmax], qmax = 2^(bits-1) - 1   s = max|w| / qmax
+    symmetric 8  w ~ s * q         q in [-127, 127]               s = max|w| / 127
+    symmetric 4  w ~ s * q         q in [-8, 7] (all 16 codes)    s = w_ext / -8 (signed)
     asymmetric   w ~ s * (q - z)   q in [0, 2^bits - 1]           s = (max w - min w) / (2^bits - 1)
 
-Rounding to the nearest code is off by at most half a step: |w - w_hat| <= s / 2. The step is
+Symmetric int4 follows llama.cpp's Q4_0: w_ext is the group's weight of largest magnitude
+*with its sign*, so it lands exactly on code -8 and all 16 codes are in use (a step of
+max|w| / 8 instead of max|w| / 7: at 4 bits that one level is worth ~13% less error). The
+price is one weight: an element of the other sign near -w_ext would need code +8, which does
+not exist, and is clamped to +7 (error up to one step). Everywhere else, rounding to the
+nearest code is off by at most half a step: |w - w_hat| <= |s| / 2. The step is
 set by the group's largest magnitude, so one outlier coarsens the grid for all its neighbours.
 That is the whole story of granularity: one scale per tensor < one per output channel (a row
 of the weight matrix) < one per group of 32 inputs, each costing more scale bytes than the last.
@@ -39,13 +45,14 @@ GRANULARITIES = ("tensor", "channel", "group")
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Smallest and largest integer code: symmetric -qmax..qmax (-127..127, -7..7), else 0..2^b-1.
+    """Smallest and largest integer code: symmetric -127..127 and -8..7, else 0..2^b-1.
 
-    Symmetric leaves the most negative code (-128, -8) unused so that +max and -max are both
-    exactly representable and the grid is centred on zero.
+    Symmetric int8 leaves -128 unused, so +max and -max are both on the grid (one code in
+    256 costs nothing). Symmetric int4 uses all 16 codes with a signed scale (Q4_0's rule,
+    see the module docstring): one code in 16 is worth having.
     """
     if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return (-8, 7) if bits == 4 else (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
     return 0, 2**bits - 1
 
 
@@ -75,6 +82,22 @@ def compute_scale_zero(
     """
     lo, hi = qrange(bits, symmetric)
     x = x.float()
+    if symmetric and bits == 4:
+        # Q4_0: the extreme weight, with its sign, maps to code -8. The scale is rounded to
+        # the nearest fp16 as Q4_0 does (no need to round up: the extreme stays within 0.4%
+        # of a step of code -8 either way), and codes are rounded on the stored grid, so no
+        # element is further from its value than in Q4_0.
+        extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        s = torch.where(extreme != 0, extreme / lo, torch.ones_like(extreme))
+        t = s.to(scale_dtype)
+        tiny = torch.nextafter(torch.zeros_like(t), t.float().sign().to(t.dtype))
+        t = torch.where(t == 0, tiny, t)  # an fp16 underflow must not become a zero step
+        if not torch.isfinite(t).all():
+            raise ValueError(
+                f"a quantisation scale ({s.abs().max().item():.3g}) overflows {scale_dtype}: "
+                "the weights are too large for it; pass scale_dtype=torch.float32."
+            )
+        return t, None
     if symmetric:
         s = x.abs().amax(dim=-1) / hi
     else:
@@ -168,12 +191,12 @@ class QuantizedTensor:
         return q - 8 if self.symmetric else q
 
     def step(self) -> Tensor:
-        """The quantisation step (the scale) of every element, float32 in the original shape."""
+        """The quantisation step |scale| of every element, float32 in the original shape."""
         rows, cols_p, _, _ = storage_layout(
             self.shape, self.bits, self.granularity, self.group_size
         )
         ones = torch.ones(rows, cols_p, device=self.scale.device)
-        s = group_view(ones, self.granularity, self.group_size) * self.scale.float().unsqueeze(-1)
+        s = group_view(ones, self.granularity, self.group_size) * self.scale.float().abs().unsqueeze(-1)
         return s.reshape(rows, cols_p)[:, : self.shape[-1]].reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -266,7 +289,8 @@ def quantize_tensor(
 
     granularity: "tensor" (one scale), "channel" (one per output row) or "group" (one per
     group_size consecutive inputs of a row). Default: "group" if group_size is given, else
-    "channel". Every element comes back within half a step: |w - dequantize(q)| <= scale / 2.
+    "channel". Every element comes back within half a step, |w - dequantize(q)| <= |scale| / 2,
+    except, in symmetric int4, elements clamped to code +7 (within one step; module docstring).
     """
     granularity = check_format(bits, group_size, granularity)
     if not torch.is_tensor(w) or not w.is_floating_point() or w.dim() == 0:

@@ -5,7 +5,7 @@ included (warm-up); symmetric int4 round-to-nearest per group, written from scra
 decoding a llama.cpp Q4_0 block from its raw bytes (core); and GPTQ's error compensation for
 one weight row (stretch). Each check runs the learner's function on inputs chosen so that the
 usual mistakes give a different answer, and the hint names the mistake it recognised: an
-off-by-one code range (-8..7 instead of -7..7), a missing clamp, a scale from the mean
+off-by-one code range (-8..7 instead of -7..7 in the simple grid), a missing clamp, a scale from the mean
 instead of the largest magnitude, one scale per tensor or per row instead of per group, the
 wrong nibble order, a forgotten offset, an error pushed the wrong way.
 """
@@ -108,8 +108,8 @@ def reference_quantize_int4_groups(w: Any, group_size: int) -> Any:
     """Symmetric int4 round to nearest, one float32 scale max|group| / 7 per group of a row.
 
     Returns the dequantised weights (float32, same shape); an all-zero group stays zero.
-    tinylm.quant.quantize_tensor(w, 4, group_size) differs only in storing the scales as
-    fp16 rounded up.
+    This is the simplest symmetric grid (15 levels). tinylm.quant.quantize_tensor(w, 4,
+    group_size) refines it with llama.cpp Q4_0's rule (a signed scale, all 16 codes).
     """
     import torch
 
@@ -140,8 +140,9 @@ def _int4_variants(w: Any, gs: int) -> list[tuple[Any, str]]:
     mean = g.abs().mean(-1, keepdim=True)
     variants = [
         (quant(g, absmax / 8, -8, 7).reshape(rows, cols),
-         "symmetric int4 uses codes -7..7 with s = max|w| / 7: with s = max|w| / 8 the largest "
-         "positive weight needs code +8, which does not exist (-8..7), and gets clamped"),
+         "this exercise asks for the simple grid, codes -7..7 with s = max|w| / 7: with "
+         "s = max|w| / 8 a largest POSITIVE weight needs code +8, which does not exist (-8..7), "
+         "and gets clamped (Q4_0 and tinylm.quant avoid that with a signed scale, section 3)"),
         (quant(g, absmax / 8, None, None).reshape(rows, cols),
          "codes -8..8 are 17 values, one more than 4 bits hold: use s = max|w| / 7 and codes "
          "-7..7"),
@@ -350,10 +351,11 @@ def _check_dequantize_q4_0_block(answer: Any) -> str:
 
 
 def reference_gptq_row(w: Any, H: Any, scale: float) -> Any:
-    """GPTQ (optimal brain quantiser form) for one row, int4 codes -7..7 of step `scale`.
+    """GPTQ (optimal brain quantiser form) for one row, int4 codes -8..7 of step `scale`.
 
     In order i = 0, 1, ...: q_i = clamp(round(w_i / s)) * s; the error (w_i - q_i) / [H^-1]_ii
     times row i of H^-1 is subtracted from the later inputs; input i is then removed from H^-1.
+    `scale` may be negative (Q4_0's signed scale: the row's extreme weight / -8).
     Equal to tinylm.quant.calibrate.gptq_quantize (act_order=False, damp=0, per channel).
     """
     import torch
@@ -362,7 +364,7 @@ def reference_gptq_row(w: Any, H: Any, scale: float) -> Any:
     h_inv = torch.linalg.inv(torch.as_tensor(H, dtype=torch.float64))
     q = torch.zeros_like(w)
     for i in range(len(w)):
-        q[i] = torch.clamp(torch.round(w[i] / scale), -7, 7) * scale
+        q[i] = torch.clamp(torch.round(w[i] / scale), -8, 7) * scale
         err = (w[i] - q[i]) / h_inv[i, i]
         w[i + 1 :] -= err * h_inv[i, i + 1 :]
         h_inv = h_inv - torch.outer(h_inv[:, i], h_inv[i, :]) / h_inv[i, i]
@@ -376,7 +378,7 @@ def _gptq_variant(w: Any, H: Any, scale: float, mistake: str) -> Any:
     h = H.clone() if mistake == "hessian" else torch.linalg.inv(H)
     q = torch.zeros_like(w)
     for i in range(len(w)):
-        q[i] = torch.clamp(torch.round(w[i] / scale), -7, 7) * scale
+        q[i] = torch.clamp(torch.round(w[i] / scale), -8, 7) * scale
         err = w[i] - q[i] if mistake == "no_divide" else (w[i] - q[i]) / h[i, i]
         if mistake == "plus":
             w[i + 1 :] += err * h[i, i + 1 :]
@@ -410,7 +412,7 @@ def _gptq_cases() -> list[tuple[Any, Any, float, str]]:
         H = x.T @ x
         H += 0.01 * H.diagonal().mean() * torch.eye(n, dtype=torch.float64)  # dampened
         w = torch.randn(n, generator=g, dtype=torch.float64) * 0.05
-        scale = float(w.abs().max()) / 7
+        scale = float(w[w.abs().argmax()]) / -8  # Q4_0 / tinylm.quant: signed, codes -8..7
         cases.append((w, H, scale, f"a row of {label}"))
     return cases
 
@@ -442,15 +444,16 @@ def _check_gptq_row(answer: Any) -> str:
                 hint="return the quantised row q, one value per input",
             )
         codes = have / scale
-        if not torch.allclose(codes, codes.round(), atol=1e-6) or codes.abs().max() > 7 + 1e-6:
+        on_grid = torch.allclose(codes, codes.round(), atol=1e-6)
+        if not on_grid or codes.min() < -8 - 1e-6 or codes.max() > 7 + 1e-6:
             hint = (
-                "clamp the codes to -7..7"
-                if torch.allclose(codes, codes.round(), atol=1e-6)
+                "clamp the codes to -8..7 (round(w_i / scale) may fall outside)"
+                if on_grid
                 else "return the quantised values q_i = code * scale, not the corrected weights"
             )
-            raise Fail(f"{what}: not every value is scale x an integer code in -7..7", hint=hint)
+            raise Fail(f"{what}: not every value is scale x an integer code in -8..7", hint=hint)
         ref = reference_gptq_row(w, H, scale)
-        rtn = torch.clamp(torch.round(w / scale), -7, 7) * scale
+        rtn = torch.clamp(torch.round(w / scale), -8, 7) * scale
         e_got, e_ref, e_rtn = (_row_error(w, v, H) for v in (have, ref, rtn))
         if e_got > e_ref * (1 + 1e-9) + 1e-15:
             hint = None
