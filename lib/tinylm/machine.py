@@ -113,8 +113,8 @@ def _measure(device: torch.device) -> Machine:
     src = torch.ones(n_bytes // 4, device=device)
     dst = torch.zeros_like(src)
     read_s = _median_s(src.sum, 7, device)
-    copy_s = _median_s(lambda: dst.copy_(src), 7, device)
-    del src, dst
+    copy_s = _median_s(lambda dst=dst, src=src: dst.copy_(src), 7, device)
+    del src, dst  # free the buffers before the next allocations
 
     g = torch.Generator().manual_seed(0)
     gemv: dict[str, float] = {}
@@ -124,7 +124,8 @@ def _measure(device: torch.device) -> Machine:
         n = GEMV_BYTES // (k * dtype.itemsize)
         w = torch.randn(n, k, generator=g).to(device=device, dtype=dtype)
         x = torch.randn(1, k, generator=g).to(device=device, dtype=dtype)
-        gemv[name] = w.numel() * dtype.itemsize / _median_s(lambda: F.linear(x, w), 9, device) / 1e9
+        seconds = _median_s(lambda x=x, w=w: F.linear(x, w), 9, device)
+        gemv[name] = w.numel() * dtype.itemsize / seconds / 1e9
 
     size = MATMUL_SIZE if on_cpu else 8192
     flops: dict[str, float] = {}
@@ -132,7 +133,7 @@ def _measure(device: torch.device) -> Machine:
         dtype = getattr(torch, name)
         a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
         b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-        flops[name] = 2 * size**3 / _median_s(lambda: a @ b, 3, device)
+        flops[name] = 2 * size**3 / _median_s(lambda a=a, b=b: a @ b, 3, device)
 
     tiny = torch.zeros(8, device=device)
 

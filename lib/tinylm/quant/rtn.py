@@ -196,7 +196,9 @@ class QuantizedTensor:
             self.shape, self.bits, self.granularity, self.group_size
         )
         ones = torch.ones(rows, cols_p, device=self.scale.device)
-        s = group_view(ones, self.granularity, self.group_size) * self.scale.float().abs().unsqueeze(-1)
+        s = group_view(
+            ones, self.granularity, self.group_size
+        ) * self.scale.float().abs().unsqueeze(-1)
         return s.reshape(rows, cols_p)[:, : self.shape[-1]].reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
