@@ -1,0 +1,293 @@
+"""Benchmark decode at batch 1: overhead vs matmuls on the tiny model, bytes on the ~100M one.
+
+Run by hand (not collected by pytest):
+
+    .venv/bin/python tests/benchmarks/bench_decode.py [--new-tokens 32] [--repeats 5]
+        [--big 100M] [--no-compile] [--threads N]
+
+Prints, in one run (medians over repeats; ratios within this run):
+
+1. The trained default model (checkpoint under data/checkpoints/default; random weights if
+   there is none), greedy, prompt 16 tokens: per-token decode time and tokens/s of
+   tinylm.generate (eager), Engine eager, Engine compiled, ONNX Runtime (tinylm.port.onnx)
+   and Hugging Face transformers' LlamaForCausalLM.generate with the same weights. Per-token
+   time of the external ones = (time for N new tokens - time for 1) / (N - 1), the same
+   formula for ours. Then one decode step against the sum of its matmuls, each timed alone.
+2. GPTConfig.preset("100M") with random weights (timing does not depend on training), for
+   each weight format fp32 / bf16 / int8 / int4-g32 on tinylm.engine's kernels: per-token
+   time, tokens/s, bytes read per token, achieved GB/s of weights; a bare GEMV of the same
+   kernel over the same number of weight bytes; and the machine's measured read bandwidth
+   (tinylm.machine). The issue's goals are printed next to the ratios.
+
+On a CPU shared with other programs every figure is noisy; trust the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm import checkpoint
+from tinylm.engine import WEIGHT_FORMATS, Engine, Int4WeightLinear, Int8WeightLinear
+from tinylm.generate import decode_step, generate, prefill
+from tinylm.machine import measure_machine
+from tinylm.model import GPT, GPTConfig, count_parameters
+from tinylm.paths import checkpoint_dir
+
+HF_RENAMES = [  # tinylm name -> Hugging Face Llama name
+    ("tok_emb.", "model.embed_tokens."),
+    ("blocks.", "model.layers."),
+    (".attn_norm.", ".input_layernorm."),
+    (".mlp_norm.", ".post_attention_layernorm."),
+    (".attn.", ".self_attn."),
+    ("mlp.gate.", "mlp.gate_proj."),
+    ("mlp.up.", "mlp.up_proj."),
+    ("mlp.down.", "mlp.down_proj."),
+]
+
+
+def median_s(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def per_token(run: Callable[[int], object], n: int, repeats: int) -> float:
+    """(time of n new tokens - time of 1) / (n - 1): decode only, prefill cancelled out."""
+    t_n = median_s(lambda: run(n), repeats)
+    t_1 = median_s(lambda: run(1), repeats)
+    return max(t_n - t_1, 1e-9) / (n - 1)
+
+
+def hf_llama(model: GPT):
+    import transformers
+
+    c = model.config
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.n_embd,
+            intermediate_size=c.mlp_hidden,
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_kv_head,
+            max_position_embeddings=c.context_length,
+            rms_norm_eps=c.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            tie_word_embeddings=c.tie_embeddings,
+        )
+    )
+    state = {}
+    for name, tensor in model.state_dict().items():
+        name = "model.norm.weight" if name == "norm.weight" else name
+        for old, new in HF_RENAMES:
+            name = name.replace(old, new)
+        state[name] = tensor
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def tiny_section(args: argparse.Namespace) -> None:
+    path = checkpoint_dir() / "default"
+    if (path / "model.safetensors").exists():
+        model, _, _ = checkpoint.load(path)
+        source = "trained checkpoint"
+    else:
+        torch.manual_seed(0)
+        model, source = GPT(GPTConfig()).eval(), "random weights (no checkpoint)"
+    c = model.config
+    print(f"\n== 1. default model ({count_parameters(c) / 1e6:.2f}M parameters, {source}), batch 1")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, c.vocab_size, (16,), generator=g).tolist()
+    n, reps = args.new_tokens, args.repeats
+    rows: dict[str, float] = {}
+    want = generate(model, prompt, n, temperature=0.0)
+    rows["tinylm.generate (eager)"] = per_token(
+        lambda k: generate(model, prompt, k, temperature=0.0), n, reps
+    )
+    eager = Engine(model, compile=False)
+    assert eager.generate(prompt, n) == want
+    rows["Engine eager"] = per_token(lambda k: eager.generate(prompt, k), n, reps)
+    compiled = None
+    if not args.no_compile:
+        compiled = Engine(model, compile=True)
+        start = time.perf_counter()
+        same = compiled.generate(prompt, n) == want
+        first = time.perf_counter() - start
+        print(f"compiled Engine: first generate {first:.1f} s (compile included); same greedy "
+              f"tokens as generate(): {same}")  # fmt: skip
+        rows["Engine compiled"] = per_token(lambda k: compiled.generate(prompt, k), n, reps)
+    try:
+        from tinylm.port.onnx import OnnxLM, export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = export_onnx(model, Path(tmp) / "m.onnx", dynamo=False)
+            lm = OnnxLM(onnx_path)
+            same = lm.generate(prompt, n, temperature=0.0) == want
+            rows["ONNX Runtime"] = per_token(
+                lambda k: lm.generate(prompt, k, temperature=0.0), n, reps
+            )
+            print(f"ONNX Runtime: same greedy tokens: {same}")
+    except Exception as err:  # noqa: BLE001  a missing optional runtime is reported, not fatal
+        print(f"ONNX Runtime skipped: {type(err).__name__}: {err}")
+    try:
+        hf = hf_llama(model)
+        ids = torch.tensor([prompt])
+
+        def hf_run(k: int):
+            with torch.inference_mode():
+                return hf.generate(
+                    ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                    pad_token_id=0, eos_token_id=None,
+                )  # fmt: skip
+
+        same = hf_run(n)[0, len(prompt) :].tolist() == want
+        rows["transformers Llama.generate"] = per_token(hf_run, n, reps)
+        print(f"transformers: same greedy tokens: {same}")
+    except Exception as err:  # noqa: BLE001
+        print(f"transformers skipped: {type(err).__name__}: {err}")
+
+    print(f"\n{'decode, batch 1':<30}{'ms/token':>10}{'tokens/s':>10}")
+    for name, s in rows.items():
+        print(f"{name:<30}{1e3 * s:>10.3f}{1 / s:>10.0f}")
+    hf_s = rows.get("transformers Llama.generate")
+    best_name = "Engine compiled" if "Engine compiled" in rows else "Engine eager"
+    if hf_s:
+        print(f"{best_name} vs transformers: {hf_s / rows[best_name]:.2f}x faster (goal >= 3x)")
+
+    # one decode step against its matmuls, each timed alone with the step's shapes
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    matmul_s = 0.0
+    with torch.inference_mode():
+        for m in linears:
+            x = torch.randn(1, 1, m.in_features)
+            matmul_s += median_s(lambda m=m, x=x: F.linear(x, m.weight), 50, warmup=5)
+    step = rows[best_name]
+    print(f"sum of the step's {len(linears)} matmuls, each timed alone: {1e3 * matmul_s:.3f} ms; "
+          f"{best_name} per token {1e3 * step:.3f} ms = {step / matmul_s:.2f}x (goal <= 2x)")  # fmt: skip
+    _, cache = prefill(model, prompt)
+    token = torch.tensor([want[0]])
+
+    def one_step():
+        cache.pos = len(prompt)
+        decode_step(model, token, cache)
+
+    eager_step = median_s(one_step, 30, warmup=3)
+    print(f"tinylm.generate's decode_step alone: {1e3 * eager_step:.3f} ms = "
+          f"{eager_step / matmul_s:.2f}x the matmuls")  # fmt: skip
+
+
+def bare_gemv_s(fmt: str, n_weights: int, k: int, repeats: int) -> tuple[float, int]:
+    """Median seconds of one GEMV of this format's kernel over n_weights weights [n/k, k]."""
+    rows = n_weights // k // 16 * 16
+    torch.manual_seed(0)
+    linear = nn.Linear(k, rows, bias=False)
+    x = torch.randn(1, k)
+    if fmt == "fp32":
+        layer: nn.Module = linear
+    elif fmt == "bf16":
+        layer, x = linear.to(torch.bfloat16), x.to(torch.bfloat16)
+    else:
+        cls = Int8WeightLinear if fmt == "int8" else Int4WeightLinear
+        layer, x = cls(linear), x.to(torch.bfloat16)
+    nbytes = sum(
+        t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers())
+    )
+    with torch.inference_mode():
+        s = median_s(lambda: layer(x), repeats, warmup=2)
+    return s, nbytes
+
+
+def big_section(args: argparse.Namespace) -> None:
+    machine = measure_machine()
+    print(f"\n== 2. GPTConfig.preset({args.big!r}), random weights, batch 1, greedy")
+    print(machine.summary())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(args.big)).eval()
+    c = model.config
+    prompt = torch.randint(0, c.vocab_size, (8,)).tolist()
+    steps = args.big_tokens
+    results = {}
+    for fmt in WEIGHT_FORMATS:
+        start = time.perf_counter()
+        engine = Engine(model, compile=False, weights=fmt, max_len=64)
+        build = time.perf_counter() - start
+        ids = torch.tensor([prompt])
+        engine.prefill(ids)
+        token = torch.tensor([1])
+        samples = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            engine.decode_step(token, len(prompt) + i)
+            samples.append(time.perf_counter() - t0)
+        s = statistics.median(samples[1:])
+        n_lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        gemv_s, gemv_bytes = bare_gemv_s(fmt, n_lin, c.n_embd, max(5, steps // 2))
+        results[fmt] = dict(s=s, bytes=engine.step_weight_bytes, build=build,
+                            gemv_gbps=gemv_bytes / gemv_s / 1e9)  # fmt: skip
+        del engine
+    if not args.no_compile:
+        engine = Engine(model, compile=True, weights="fp32", max_len=64)
+        engine.prefill(torch.tensor([prompt]))
+        token = torch.tensor([1])
+        engine.decode_step(token, len(prompt))  # compiles
+        samples = []
+        for i in range(1, steps):
+            t0 = time.perf_counter()
+            engine.decode_step(token, len(prompt) + i)
+            samples.append(time.perf_counter() - t0)
+        results["fp32 compiled"] = dict(results["fp32"], s=statistics.median(samples))
+    print(f"\n{'weights':<15}{'ms/token':>9}{'tok/s':>7}{'MB/token':>9}{'GB/s':>7}"
+          f"{'bare GEMV GB/s':>15}{'vs GEMV':>8}{'vs read BW':>11}{'speed-up':>9}")  # fmt: skip
+    base = results["fp32"]["s"]
+    for fmt, r in results.items():
+        gbps = r["bytes"] / r["s"] / 1e9
+        print(f"{fmt:<15}{1e3 * r['s']:>9.1f}{1 / r['s']:>7.1f}{r['bytes'] / 1e6:>9.1f}{gbps:>7.1f}"
+              f"{r['gemv_gbps']:>15.1f}{gbps / r['gemv_gbps']:>8.2f}{gbps / machine.read_gbps:>11.2f}"
+              f"{base / r['s']:>8.2f}x")  # fmt: skip
+    fp = results["fp32"]
+    gemv_fp32_s = fp["bytes"] / (fp["gemv_gbps"] * 1e9)
+    print(
+        f"\nfp32 per token / bare GEMV over its bytes: {fp['s'] / gemv_fp32_s:.2f}x (goal <= 1.2x)"
+    )
+    goals = {"bf16": 1.8, "int8": 2.2, "int4-g32": 3.0}
+    for fmt, goal in goals.items():
+        r = results[fmt]
+        kernel_bound = r["gemv_gbps"] * fp["bytes"] / r["bytes"] / fp["gemv_gbps"]
+        print(f"{fmt}: {base / r['s']:.2f}x fp32's tokens/s (goal >= {goal}x); its bare kernel "
+              f"alone allows {kernel_bound:.2f}x (same GEMV bytes ratio x kernel GB/s ratio)")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--big", default="100M", choices=["100M", "300M"])
+    p.add_argument("--big-tokens", type=int, default=12)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-tiny", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not args.skip_tiny:
+        tiny_section(args)
+    big_section(args)
+
+
+if __name__ == "__main__":
+    main()
