@@ -289,12 +289,10 @@ def test_missing_head_and_missing_shard_are_named(tmp_path):
 def test_memory_is_checked_before_allocating(tmp_path, monkeypatch):
     hf_model().save_pretrained(tmp_path)
 
-    class Tiny:
-        available = 1000  # bytes
-
     import tinylm.hf as hf
+    import tinylm.util as util
 
-    monkeypatch.setattr(hf.psutil, "virtual_memory", lambda: Tiny())
+    monkeypatch.setattr(util, "available_memory_bytes", lambda: 1000)  # bytes
     built = []
     monkeypatch.setattr(hf, "GPT", lambda *a: built.append(a))
     with pytest.raises(MemoryError, match="GiB of RAM is available.*bfloat16"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import tinylm.machine as machine_mod
-import tinylm.model as model_mod
+import tinylm.util as util_mod
 from tinylm.machine import Machine, measure_machine
-from tinylm.model import GPTConfig, count_parameters
+from tinylm.model import GPT, GPTConfig, count_parameters
 
 FAKE = Machine(
     device="cpu: test", device_type="cpu", threads=2, torch_version=torch.__version__,
@@ -90,12 +90,11 @@ def test_presets_scale_the_same_architecture():
         GPTConfig.preset("7B")
 
 
-def test_preset_checks_memory_before_allocating(monkeypatch):
-    monkeypatch.setattr(model_mod, "available_memory_bytes", lambda: 200 * 2**20)
-    with pytest.raises(MemoryError, match="GiB is free.*smaller preset"):
-        GPTConfig.preset("300M")
-    assert GPTConfig.preset("300M", check_memory=False).n_layer == 24
-    GPTConfig.preset("default")  # 1M parameters fit in 200 MiB
+def test_gpt_checks_memory_before_allocating(monkeypatch):
+    monkeypatch.setattr(util_mod, "available_memory_bytes", lambda: 200 * 2**20)
+    with pytest.raises(MemoryError, match="319M parameters.*only 0.20 GiB.*smaller config"):
+        GPT(GPTConfig.preset("300M"))
+    GPT(GPTConfig.preset("default"))  # 1M parameters (4 MB) fit in 200 MiB
 
 
 def test_cache_path_names_the_thread_count(tmp_path):
