@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 from tinylm.device import describe_device, pick_device, synchronize
 from tinylm.paths import cache_dir
+from tinylm.util import atomic_write
 
 READ_BYTES = 256 * 2**20  # CPU; an accelerator gets ACCEL_BYTES
 ACCEL_BYTES = 1024 * 2**20
@@ -165,25 +165,6 @@ def cache_path(device: torch.device | str | None = None, directory: Path | None 
     return (cache_dir() if directory is None else Path(directory)) / name
 
 
-def _write_atomic(path: Path, obj: dict[str, Any]) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`.
-
-    A rename within one file system is atomic: a reader (another notebook measuring at the
-    same moment) sees the old file or the new one, never half a file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(path: Path) -> Machine | None:
     try:
         data = json.loads(path.read_text())
@@ -213,5 +194,9 @@ def measure_machine(
             return cached
     machine = _measure(dev)
     if cache:
-        _write_atomic(path, {"cache_version": CACHE_VERSION, **asdict(machine)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # atomic: a notebook measuring at the same moment sees the old file or the new one
+        atomic_write(
+            path, json.dumps({"cache_version": CACHE_VERSION, **asdict(machine)}, indent=1)
+        )
     return machine
