@@ -12,6 +12,7 @@ from tinylm.distributed import (
     ShardedGPT,
     TPServer,
     check_tp,
+    fit_allreduce,
     modelled_comm_seconds,
     shard_state_dict,
     simulate_tp,
@@ -105,12 +106,31 @@ def test_modelled_comm_matches_the_cost_model():
     assert modelled_comm_seconds(cfg, 1, 1, 3.0, 1e-4) == 0.0
 
 
-def test_allreduce_bench_link_fit_recovers_a_line():
-    # t = 1e-4 + sent / 2 GB/s with sent = 2 (w-1)/w x size for w = 4
-    sizes = [1000, 1_000_000]
-    seconds = [1e-4 + 1.5 * s / 2e9 for s in sizes]
-    gbps, latency = AllReduceBench(4, sizes, seconds).link()
-    assert gbps == pytest.approx(2.0) and latency == pytest.approx(1e-4)
+def test_allreduce_fit_recovers_known_latency_and_bandwidth():
+    # t = 50 us + sent / 2 GB/s with sent = 2 (w-1)/w x size for w = 4, over 4 decades of
+    # sizes, with +-3% multiplicative noise (seeded): the fit must find both within a few %.
+    sizes = [2**k for k in range(8, 24)] * 5
+    g = torch.Generator().manual_seed(0)
+    noise = 1 + 0.03 * (2 * torch.rand(len(sizes), generator=g) - 1)
+    seconds = [(50e-6 + 1.5 * s / 2e9) * float(n) for s, n in zip(sizes, noise, strict=True)]
+    fit = fit_allreduce(sizes, seconds, world=4)
+    assert fit.latency_s == pytest.approx(50e-6, rel=0.05)
+    assert fit.gbps == pytest.approx(2.0, rel=0.05)
+    assert max(abs(r) for r in fit.residuals) < 0.06
+    assert fit.seconds(1e6) == pytest.approx(fit.latency_s + 1.5e6 / (fit.gbps * 1e9))
+    # Exact data: exact answer, and AllReduceBench.link() is the same fit.
+    exact = [1e-4 + 1.5 * s / 2e9 for s in sizes[:16]]
+    gbps, latency = AllReduceBench(4, sizes[:16], exact).link()
+    assert gbps == pytest.approx(2.0, rel=1e-9) and latency == pytest.approx(1e-4, rel=1e-9)
+
+
+def test_allreduce_fit_refuses_unusable_timings():
+    with pytest.raises(ValueError, match="two different"):
+        fit_allreduce([1000, 1000], [1e-4, 1e-4], world=2)
+    with pytest.raises(ValueError, match="unphysical"):  # time falls with size
+        fit_allreduce([1000, 10_000, 100_000], [3e-3, 2e-3, 1e-3], world=2)
+    with pytest.raises(ValueError, match="world"):
+        fit_allreduce([1000, 2000], [1e-4, 2e-4], world=1)
 
 
 # ----------------------------------------------------------------------------- processes

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import random
 import socket
 import statistics
 import threading
@@ -245,6 +246,26 @@ class _CommTimer:
         return x
 
 
+def _bench_allreduce(sizes: list[int], repeats: int, warmup: int) -> list[list[float]]:
+    """Seconds of every timed all-reduce, per size: warm-up first, then `repeats` rounds that
+    each visit every size in a shuffled order (the same on every rank), so a slow spell of the
+    machine lands on all sizes rather than on whichever size was running then."""
+    messages = [torch.ones(max(1, size // 4)) for size in sizes]
+    for x in messages:
+        for _ in range(warmup):  # connections, buffers, caches
+            dist.all_reduce(x)
+    samples: list[list[float]] = [[] for _ in sizes]
+    for r in range(repeats):
+        order = list(range(len(sizes)))
+        random.Random(r).shuffle(order)  # seeded by the round: every rank agrees
+        for i in order:
+            dist.barrier()  # start together, so a rank's lateness is not timed as the link
+            t0 = time.perf_counter()
+            dist.all_reduce(messages[i])
+            samples[i].append(time.perf_counter() - t0)
+    return samples
+
+
 def _worker_main(
     rank: int,
     world: int,
@@ -293,20 +314,8 @@ def _worker_main(
             elif op == "reset_stats":
                 timer.seconds, timer.calls, timer.bytes, forward_seconds = 0.0, 0, 0, 0.0
                 conn.send(("ok", None))
-            elif op == "bench":  # (message sizes in bytes, repeats): time bare all-reduces
-                sizes, repeats = args
-                medians = []
-                for size in sizes:
-                    x = torch.ones(max(1, size // 4))
-                    dist.all_reduce(x)  # warm-up: connections and buffers
-                    times = []
-                    for _ in range(repeats):
-                        dist.barrier()
-                        t0 = time.perf_counter()
-                        dist.all_reduce(x)
-                        times.append(time.perf_counter() - t0)
-                    medians.append(statistics.median(times))
-                conn.send(("bench", medians))
+            elif op == "bench":  # (sizes in bytes, repeats, warm-up): time bare all-reduces
+                conn.send(("bench", _bench_allreduce(*args)))
     except (EOFError, KeyboardInterrupt):
         pass  # the coordinator went away: just exit
     except Exception as err:  # a collective failed (a peer died, a timeout): report it
@@ -352,27 +361,88 @@ class FailureEvent:
         return self.detect_seconds + self.recover_seconds + self.reprefill_seconds
 
 
+def ring_factor(world: int) -> float:
+    """Share of a message each rank sends (and receives) in a ring all-reduce: 2 (world-1)/world."""
+    return 2 * (world - 1) / world
+
+
+@dataclass
+class LinkFit:
+    """time = latency_s + sent / (gbps * 1e9), fitted by least squares to all-reduce timings.
+
+    `sent` is the bytes each rank sends (ring_factor(world) x message size). `residuals` are
+    relative: measured / fitted - 1, per size, so the small (latency-bound) and the large
+    (bandwidth-bound) messages count alike.
+    """
+
+    latency_s: float
+    gbps: float
+    world: int
+    sizes: list[int]
+    residuals: list[float]
+
+    def seconds(self, size: float) -> float:
+        """Fitted time of one all-reduce of `size` bytes over `world` ranks."""
+        return self.latency_s + ring_factor(self.world) * size / (self.gbps * 1e9)
+
+
+def fit_allreduce(sizes: Sequence[float], seconds: Sequence[float], world: int) -> LinkFit:
+    """Fit time = latency + sent / bandwidth to all-reduce timings by weighted least squares.
+
+    Each point is weighted by 1/time, i.e. the fit minimises *relative* errors: message sizes
+    span several decades, and plain least squares would let the largest messages decide the
+    latency too. Raises ValueError for fewer than two distinct sizes, or a fit that comes out
+    unphysical (negative latency or bandwidth: the timings do not follow a line; measure more
+    repeats or a wider range of sizes).
+    """
+    if len(sizes) != len(seconds) or len(set(sizes)) < 2:
+        raise ValueError(
+            f"need timings of at least two different message sizes (got sizes={list(sizes)!r}, "
+            f"{len(seconds)} timings); pass one time per size."
+        )
+    if world < 2:
+        raise ValueError(f"an all-reduce needs world >= 2, got {world}.")
+    sent = torch.tensor([ring_factor(world) * s for s in sizes], dtype=torch.float64)
+    t = torch.tensor(list(seconds), dtype=torch.float64)
+    if bool((t <= 0).any()):
+        raise ValueError("all-reduce times must be > 0 seconds.")
+    design = torch.stack([torch.ones_like(sent), sent], dim=1) / t[:, None]
+    coef = torch.linalg.lstsq(design, torch.ones_like(t)[:, None]).solution[:, 0]
+    latency, seconds_per_byte = float(coef[0]), float(coef[1])
+    if latency < 0 or seconds_per_byte <= 0:
+        raise ValueError(
+            f"the fit gives latency {latency:.3g} s and {seconds_per_byte:.3g} s/byte, which is "
+            "unphysical: the timings do not follow latency + bytes/bandwidth; use more repeats "
+            "or message sizes spanning the latency- and the bandwidth-bound regime."
+        )
+    fitted = latency + seconds_per_byte * sent
+    residuals = (t / fitted - 1).tolist()
+    return LinkFit(latency, 1 / seconds_per_byte / 1e9, world, list(sizes), residuals)
+
+
 @dataclass
 class AllReduceBench:
-    """Median seconds of one all-reduce of each message size over `world` ranks."""
+    """Timings of all-reduces of each message size (bytes) over `world` ranks: `samples[i]`
+    holds every timed repeat of sizes[i] (the slowest rank's time), `seconds` their medians."""
 
     world: int
     sizes: list[int]
     seconds: list[float]
+    samples: list[list[float]] | None = None
 
     def bus_gbps(self) -> list[float]:
         """Per-rank bandwidth in GB/s: a ring all-reduce sends 2 (world-1)/world x the message."""
-        f = 2 * (self.world - 1) / self.world
+        f = ring_factor(self.world)
         return [f * s / t / 1e9 for s, t in zip(self.sizes, self.seconds, strict=True)]
 
+    def fit(self) -> LinkFit:
+        """Least-squares fit of latency + sent / bandwidth through the medians (fit_allreduce)."""
+        return fit_allreduce(self.sizes, self.seconds, self.world)
+
     def link(self) -> tuple[float, float]:
-        """(link GB/s, latency s) for the cost model: fit t = latency + sent / bandwidth
-        through the smallest and largest message."""
-        f = 2 * (self.world - 1) / self.world
-        (s0, t0), (s1, t1) = (self.sizes[0], self.seconds[0]), (self.sizes[-1], self.seconds[-1])
-        gbps = f * (s1 - s0) / max(t1 - t0, 1e-12) / 1e9
-        latency = max(0.0, t0 - f * s0 / (gbps * 1e9))
-        return gbps, latency
+        """(link GB/s, latency s) for the cost model, from fit()."""
+        fit = self.fit()
+        return fit.gbps, fit.latency_s
 
 
 def modelled_comm_seconds(
@@ -390,7 +460,7 @@ def modelled_comm_seconds(
     if world == 1:
         return 0.0
     L = config.n_layer
-    sent = 2 * L * 2 * (world - 1) / world * tokens * config.n_embd * bytes_per_value
+    sent = 2 * L * ring_factor(world) * tokens * config.n_embd * bytes_per_value
     return sent / (link_gbps * 1e9) + 2 * L * latency_s
 
 
@@ -632,15 +702,21 @@ class TPServer:
         if self.world > 1:
             self._broadcast(("reset_stats",), "ok")
 
-    def bench_allreduce(self, sizes: Sequence[int], repeats: int = 20) -> AllReduceBench:
-        """Median time of a bare all-reduce of each size (bytes) over the current workers."""
+    def bench_allreduce(
+        self, sizes: Sequence[int], repeats: int = 20, warmup: int = 3
+    ) -> AllReduceBench:
+        """Time bare all-reduces of each size (bytes) over the current workers: `warmup`
+        untimed rounds, then `repeats` rounds visiting the sizes in shuffled order."""
         if self.world < 2:
             raise ValueError("benchmarking all-reduce needs at least 2 workers.")
-        medians = self._gather_bench(list(sizes), repeats)
-        return AllReduceBench(self.world, list(sizes), medians)
-
-    def _gather_bench(self, sizes: list[int], repeats: int) -> list[float]:
+        if repeats < 1 or warmup < 0:
+            raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}.")
         for conn in self.conns:
-            conn.send(("bench", sizes, repeats))
+            conn.send(("bench", list(sizes), repeats, warmup))
         replies = self._gather(self.step_timeout_s * 5, "bench")
-        return [max(r[i] for r in replies) for i in range(len(sizes))]  # slowest rank
+        # A collective ends when its slowest rank is done: keep each repeat's slowest time.
+        samples = [
+            [max(r[i][k] for r in replies) for k in range(repeats)] for i in range(len(sizes))
+        ]
+        medians = [statistics.median(s) for s in samples]
+        return AllReduceBench(self.world, list(sizes), medians, samples)
