@@ -71,18 +71,21 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def _same_budget_variant(description: str, **model_changes: Any) -> Recipe:
+def _same_budget_variant(description: str, train_seed: int = 0, **model_changes: Any) -> Recipe:
     """The "default" recipe with `model_changes` and half its steps (chapter 05's variants).
 
     Chapter 05 trains four of these side by side (dense, GQA, MLA, MoE) with exactly the same
     budget: same corpus, tokenizer, batch, block size, learning-rate schedule and seed, and
     half the default's steps (and evaluation interval), so that all four train in about the
     time of 2 default runs. Derived from the default entry, they stay in step when it changes.
+    train_seed seeds the initial weights and the batch order (a second seed measures how much
+    of a difference between variants is noise).
     """
     base = RECIPES["default"]
     steps = max(1, base.train.steps // 2)
     train = dataclasses.replace(
         base.train,
+        seed=train_seed,
         steps=steps,
         warmup_steps=min(base.train.warmup_steps, steps),
         eval_interval=max(1, base.train.eval_interval // 2),
@@ -113,6 +116,27 @@ RECIPES.update(
             experts_per_token=2,
             n_shared_experts=1,
             moe_balance="bias",
+        ),
+        # Chapter 05 shows what the bias balancing prevents, and how big seed noise is.
+        "moe_unbalanced": _same_budget_variant(
+            "chapter 05: the moe recipe with no load balancing (to watch the router collapse)",
+            mlp="moe",
+            n_experts=8,
+            experts_per_token=2,
+            n_shared_experts=1,
+            moe_balance="none",
+        ),
+        "moe_aux_loss": _same_budget_variant(
+            "chapter 05: the moe recipe balanced by an auxiliary loss (Switch/GShard style)",
+            mlp="moe",
+            n_experts=8,
+            experts_per_token=2,
+            n_shared_experts=1,
+            moe_balance="aux_loss",
+        ),
+        "dense_seed1": _same_budget_variant(
+            "chapter 05: the dense baseline with another seed (initial weights and batch order)",
+            train_seed=1,
         ),
     }
 )

@@ -24,8 +24,12 @@ https://www.hiascend.com/doc_center/source/zh/canncommercial/700/modeldevpt/ptmi
 (MindStudio's Model Accuracy Analyzer docs give the same cosine threshold, plus relative
 Euclidean distance < 0.05 and KL < 0.005:
 https://www.hiascend.com/document/detail/en/mindstudio/700/TITools/ModelAccuracyAnalyzer/atlasaccuracy_16_0045.html).
-`VENDOR_RULE` requires both cosine and max abs. (The tool's own CSV verdict is laxer: it
-flags a tensor only when cosine < 0.99 *and* max abs > 0.001, or cosine < 0.9, or max abs > 1.)
+`VENDOR_RULE` requires both cosine and max abs. The vendor's comparison tool applies the same
+two thresholds the other way round: `CANN_TOOL_RULE` is the verdict column ("Accuracy Reached
+or Not") of Ascend's accuracy tool msprobe (`check_accuracy` in
+debug/accuracy_tools/msprobe/core/compare/multiprocessing_compute.py of
+https://gitee.com/ascend/mstt), which flags a tensor only when *both* thresholds miss
+(cosine < 0.99 and max abs > 0.001), or when one misses badly (cosine < 0.9 or max abs > 1).
 
 Those thresholds are meant for ports that change precision (fp16/bf16 kernels), and the
 absolute one silently assumes activations of order 1: on a freshly initialised tinylm
@@ -85,6 +89,27 @@ class Rule:
         return " and ".join(parts)
 
 
+@dataclass(frozen=True)
+class FlagRule(Rule):
+    """A rule in the style of a comparison tool's verdict column: a tensor *fails* only when
+    both min_cosine and max_abs miss, or when either misses its hard limit (hard_min_cosine,
+    hard_max_abs). Looser than `Rule`, which fails a tensor as soon as one threshold misses."""
+
+    hard_min_cosine: float = 0.9
+    hard_max_abs: float = 1.0
+
+    def passes(self, cosine: float, max_abs: float, rel_l2: float) -> bool:
+        if cosine < self.min_cosine and max_abs > self.max_abs:
+            return False
+        return not (cosine < self.hard_min_cosine or max_abs > self.hard_max_abs)
+
+    def describe(self) -> str:
+        return (
+            f"flagged only if cosine < {self.min_cosine:g} and max abs error > {self.max_abs:g}, "
+            f"or cosine < {self.hard_min_cosine:g}, or max abs error > {self.hard_max_abs:g}"
+        )
+
+
 VENDOR_RULE = Rule(
     "vendor",
     min_cosine=0.99,
@@ -92,6 +117,17 @@ VENDOR_RULE = Rule(
     source="Huawei Ascend CANN 7.0.0, PyTorch accuracy comparison, computation accuracy "
     "evaluation indicators: https://www.hiascend.com/doc_center/source/zh/canncommercial/700/"
     "modeldevpt/ptmigr/AImpug_000197.html",
+)
+CANN_TOOL_RULE = FlagRule(
+    "CANN tool",
+    min_cosine=0.99,
+    max_abs=1e-3,
+    hard_min_cosine=0.9,
+    hard_max_abs=1.0,
+    source="Huawei Ascend msprobe accuracy comparison, check_accuracy() in "
+    "debug/accuracy_tools/msprobe/core/compare/multiprocessing_compute.py "
+    "(https://gitee.com/ascend/mstt): No when cos < 0.99 and max abs > 0.001, or cos < 0.9, "
+    "or max abs > 1",
 )
 FP32_RULE = Rule(
     "fp32",
@@ -459,7 +495,7 @@ def compare(
     port: Any,
     prompts: Sequence[Sequence[int]] | np.ndarray,
     *,
-    rules: Sequence[Rule] = (VENDOR_RULE, FP32_RULE),
+    rules: Sequence[Rule] = (VENDOR_RULE, FP32_RULE, CANN_TOOL_RULE),
     greedy_tokens: int = 16,
     val_tokens: Any = None,
     bytes_per_token: float | None = None,
@@ -669,7 +705,9 @@ def make_broken_port(
 
 
 __all__ = [
+    "CANN_TOOL_RULE",
     "FP32_RULE",
+    "FlagRule",
     "VENDOR_RULE",
     "LayerResult",
     "ParityReport",
