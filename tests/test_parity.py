@@ -13,6 +13,7 @@ from tinylm.model import GPT, GPTConfig
 from tinylm.port.numpy_runtime import NumpyLM, activation_names
 from tinylm.port.onnx import OnnxLM, export_onnx
 from tinylm.port.parity import (
+    CANN_TOOL_RULE,
     FP32_RULE,
     VENDOR_RULE,
     ParityReport,
@@ -172,7 +173,7 @@ def test_rope_bug_is_located_by_the_vendor_rule_at_trained_scale(prompts):
     assert "first failing layer: layers.1.attn" in text
     html = report._repr_html_()
     assert "<table>" in html and "layers.1.attn" in html and "FAIL" in html
-    assert html.count("<th>") == 8  # layer, shape, 4 metrics, 2 verdicts
+    assert html.count("<th>") == 9  # layer, shape, 4 metrics, 3 verdicts
 
 
 def test_half_precision_layer_is_located_by_the_fp32_rule(model, prompts):
@@ -215,3 +216,42 @@ def test_compare_rejects_bad_input(model):
     )
     with pytest.raises(ValueError, match="not evaluated"):
         report.passed("vendor")
+
+
+# ----------------------------------------------------------------------------- the vendor tool
+
+
+def test_cann_tool_rule_flags_only_when_both_thresholds_miss():
+    # msprobe's check_accuracy: No when (cos < 0.99 and abs > 0.001) or cos < 0.9 or abs > 1.
+    tool = CANN_TOOL_RULE
+    assert tool.passes(cosine=0.98, max_abs=5e-4, rel_l2=1.0)  # cosine misses, abs holds
+    assert tool.passes(cosine=0.999, max_abs=0.5, rel_l2=1.0)  # abs misses, cosine holds
+    assert not tool.passes(cosine=0.98, max_abs=2e-3, rel_l2=0.0)  # both miss
+    assert not tool.passes(cosine=0.85, max_abs=0.0, rel_l2=0.0)  # cosine misses badly
+    assert not tool.passes(cosine=1.0, max_abs=1.5, rel_l2=0.0)  # abs misses badly
+    assert tool.passes(cosine=0.99, max_abs=1e-3, rel_l2=0.0)  # at the thresholds: strict < / >
+    # The documented acceptance rule fails the first two, where the tool says "Yes".
+    assert not VENDOR_RULE.passes(cosine=0.98, max_abs=5e-4, rel_l2=1.0)
+    assert not VENDOR_RULE.passes(cosine=0.999, max_abs=0.5, rel_l2=1.0)
+    assert "msprobe" in tool.source
+    assert tool.describe().startswith("flagged only if cosine < 0.99 and max abs error > 0.001")
+
+
+def test_tool_misses_a_real_bug_in_a_small_activation_layer_the_fp32_rule_catches(prompts):
+    model = make_model(spread=0.3)  # trained-like activations of order 1
+    with torch.no_grad():
+        model.blocks[1].mlp.down.weight.mul_(1e-3)  # layer 1's MLP now outputs small values
+    broken = make_broken_port(model, "gelu_mlp", layer=1)
+    report = compare(model, broken, prompts, greedy_tokens=0)
+    row = next(lr for lr in report.layers if lr.name == "layers.1.mlp")
+    assert row.max_abs < 1e-3 and 0.9 < row.cosine < 0.9999  # a real, moderate error, small
+    assert report.passed(CANN_TOOL_RULE)  # the tool's verdict column: all "Yes"
+    assert report.first_failure(FP32_RULE) == "layers.1.mlp"  # the scale-free rule names it
+    assert [r.name for r in report.rules] == ["vendor", "fp32", "CANN tool"]
+    assert "CANN tool" in report.to_text().splitlines()[1]  # its own column
+
+
+def test_gelu_fault_needs_a_dense_mlp():
+    moe = GPT(GPTConfig(**CONFIG, mlp="moe", n_experts=4, experts_per_token=2)).eval()
+    with pytest.raises(ValueError, match="dense SwiGLU"):
+        make_broken_port(moe, "gelu_mlp", layer=0)

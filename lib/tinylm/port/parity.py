@@ -670,7 +670,22 @@ class _HalfPrecision:
             return half(self.mlp(half(x)))
 
 
-FAULTS = ("rope_interleaved", "fp16_mlp")
+class _GeluMlp:
+    """A layer's SwiGLU with GELU (tanh approximation) where SiLU belongs: the bug of reading
+    a config's `hidden_act` wrong. GELU and SiLU are close curves (both ~x for large x, ~0 for
+    very negative x), so the error is moderate: cosine ~0.9-0.99 on the MLP output."""
+
+    def __init__(self, mlp: Any) -> None:
+        self.mlp = mlp
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        gate, up = np.split(self.mlp.gate_up(x), 2, axis=-1)
+        inner = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
+        gelu = 0.5 * gate * (1 + np.tanh(inner))
+        return self.mlp.down(gelu.astype(gate.dtype) * up)
+
+
+FAULTS = ("rope_interleaved", "fp16_mlp", "gelu_mlp")
 
 
 def make_broken_port(
@@ -681,7 +696,8 @@ def make_broken_port(
     port_or_model: a NumpyLM (left untouched: the broken one is a copy) or a tinylm GPT.
     fault: "rope_interleaved" (the wrong RoPE pairing convention in layer `layer`'s
         attention; the first failing activation is layers.{layer}.attn) or "fp16_mlp"
-        (layer `layer`'s MLP in half precision; caught by FP32_RULE at layers.{layer}.mlp).
+        (layer `layer`'s MLP in half precision; caught by FP32_RULE at layers.{layer}.mlp)
+        or "gelu_mlp" (GELU instead of SiLU in layer `layer`'s dense MLP).
     """
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; choose one of {FAULTS}.")
@@ -698,7 +714,12 @@ def make_broken_port(
         broken.rope_fns[layer] = rope_interleaved
     else:
         block = copy.copy(base.blocks[layer])
-        block.mlp = _HalfPrecision(block.mlp)
+        if fault == "gelu_mlp" and not hasattr(block.mlp, "gate_up"):
+            raise ValueError(
+                f"fault 'gelu_mlp' needs a dense SwiGLU MLP in layer {layer}; this layer has "
+                f"{type(block.mlp).__name__}. Pick a dense layer or another fault."
+            )
+        block.mlp = _GeluMlp(block.mlp) if fault == "gelu_mlp" else _HalfPrecision(block.mlp)
         broken.blocks[layer] = block
     broken.fault = f"{fault} in layer {layer}"
     return broken
