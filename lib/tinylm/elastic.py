@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tinylm import checkpoint as ckpt
-from tinylm.model import GPT, GPTConfig
+from tinylm.config import GPTConfig
+from tinylm.model import GPT
 
 LOG_NAME = "events.jsonl"
 JOB_NAME = "job.json"
