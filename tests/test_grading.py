@@ -1,6 +1,6 @@
 """Tests for tinylm.course.grading and tinylm.course.wire: verdicts a student cannot forge.
 
-The exercises graded here are registered by this file under chapter "ch99", so the tests
+The exercises graded here are registered by this file under chapters "ch98" and "ch99", so the tests
 do not depend on any chapter's content. Each `grade_answers` call starts one worker process
 (about 1-3 s); the notebooks batch several exercises so that a handful of calls cover the
 right answer, the typical mistake, a stub, hard-coded answers, a loop, a crash, and the
@@ -139,8 +139,8 @@ def _notebook(solutions: dict[str, str], extra_cells=(), checks=True):
     return new_notebook(cells=cells)
 
 
-def _grade(notebook, **kwargs):
-    verdicts, notes = grade_answers(json.loads(nbformat.writes(notebook)), "ch99", **kwargs)
+def _grade(notebook, chapter="ch99", **kwargs):
+    verdicts, notes = grade_answers(json.loads(nbformat.writes(notebook)), chapter, **kwargs)
     return {v.exercise: v for v in verdicts}, notes
 
 
@@ -361,10 +361,61 @@ def test_every_exercise_draws_inputs_the_learner_has_not_seen():
     # inputs, or `case_seed(N)` where it seeds a generator (see tinylm.exercises).
     missing = []
     for ex in list_exercises():
-        if ex.chapter == "ch99" or ex.id in VALUE_ANSWERS:
+        if ex.chapter in ("ch98", "ch99") or ex.id in VALUE_ANSWERS:
             continue
         with unseen_inputs(1) as drew:
             run_check(ex, _stub)
             if not drew():
                 missing.append(ex.id)
     assert missing == []
+
+
+# --------------------------------------------------------------------------- state changed in place
+
+
+def _train(step, steps: int, seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    losses = [step(model, optimizer, x, y) for _ in range(steps)]
+    return model, losses
+
+
+def _reference_step(model, optimizer, x, y):
+    optimizer.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@exercise("ch98.train_step", difficulty="core", title="test: one optimiser step in place")
+def _check_train_step(answer):
+    seed = case_seed(3)
+    got, losses = _train(lambda *a: call(answer, *a), 3, seed)  # model and AdamW persist
+    want, want_losses = _train(_reference_step, 3, seed)
+    expect_close(got.weight, want.weight, rel=1e-5, what="the weights after 3 steps")
+    expect_close(losses[-1], want_losses[-1], rel=1e-5, what="the loss of step 3")
+    return "3 steps match"
+
+
+def test_modules_and_optimizers_changed_in_place_come_back():
+    # The learner's step updates the weights and AdamW's moments in the worker; the check,
+    # here, sees them (a step that forgot zero_grad would not match).
+    step = (
+        "import torch\n\ndef train_step(model, optimizer, x, y):\n"
+        "    optimizer.zero_grad()\n"
+        "    loss = torch.nn.functional.mse_loss(model(x), y)\n"
+        "    loss.backward()\n    optimizer.step()\n    return loss.item()\n"
+    )
+    check = new_code_cell('check("ch98.train_step", train_step)')
+    notebook = new_notebook(cells=[new_code_cell(HEADER), _solution(step), check])
+    verdicts, _ = _grade(notebook, seed=16, chapter="ch98")
+    assert verdicts["ch98.train_step"].status == "passed", verdicts["ch98.train_step"].message
+    assert verdicts["ch98.train_step"].unseen
+    forgetful = step.replace("    optimizer.zero_grad()\n", "")
+    notebook.cells[1] = _solution(forgetful)
+    verdicts, _ = _grade(notebook, seed=16, chapter="ch98")
+    assert verdicts["ch98.train_step"].status == "failed"

@@ -382,6 +382,29 @@ def _answer_info(answer: Any) -> dict[str, Any]:
     return {"kind": "value", "value": answer}
 
 
+_STATE = "__state_dict__"  # the write-back of a torch module's or optimizer's state
+_GRADS = "__grads__"  # and of a module's gradients (a pickle does not carry .grad)
+
+
+def _grads(module: Any) -> dict[str, Any]:
+    """A module's gradients by parameter name (parameters without one are left out)."""
+    return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _set_grads(module: Any, grads: dict[str, Any]) -> None:
+    """Give a module's parameters these gradients (None where a name is missing)."""
+    for name, parameter in module.named_parameters():
+        grad = grads.get(name)
+        fits = hasattr(grad, "shape") and grad.shape == parameter.shape
+        parameter.grad = grad.to(parameter.dtype) if fits else None
+
+
+def _torch_stateful(value: Any) -> bool:
+    """A torch module or optimizer (whose weights or moments a step changes in place)."""
+    torch = sys.modules.get("torch")  # loaded whenever such an argument exists
+    return torch is not None and isinstance(value, (torch.nn.Module, torch.optim.Optimizer))
+
+
 def _writeback(value: Any) -> bool:
     """Whether an argument's state after the call travels back (values a check may inspect)."""
     import numpy as np
@@ -404,6 +427,10 @@ def _serve_call(answer: Any, args: tuple, kwargs: dict) -> bytes:
     for key, arg in [*enumerate(args), *kwargs.items()]:
         if _writeback(arg):
             back.append([key, arg])
+        elif _torch_stateful(arg):
+            back.append([[key, _STATE], arg.state_dict()])
+            if hasattr(arg, "named_parameters"):
+                back.append([[key, _GRADS], _grads(arg)])
         for attribute in getattr(arg, "__grading_writeback__", ()):
             back.append([[key, attribute], getattr(arg, attribute, None)])
     try:
@@ -438,7 +465,9 @@ def worker_main(request_fd: int, reply_fd: int) -> int:
             return 0
         if request[0] == "exit":
             return 0
-        _, exercise, args, kwargs = request
+        _, exercise, args, kwargs, grads = request
+        for key, module_grads in grads.items():  # a pickle drops .grad: set it again
+            _set_grads(kwargs[key] if isinstance(key, str) else args[key], module_grads)
         _write_frame(reply_fd, _serve_call(answers[exercise], args, kwargs))
 
 
@@ -555,7 +584,11 @@ class Worker:
 
     def call(self, exercise: str, args: tuple, kwargs: dict, deadline: float) -> Any:
         """Call the answer of ``exercise`` in the worker; return the decoded reply."""
-        self._send(("call", exercise, args, kwargs))
+        grads = {}
+        for key, arg in [*enumerate(args), *kwargs.items()]:
+            if _torch_stateful(arg) and hasattr(arg, "named_parameters"):
+                grads[key] = _grads(arg)
+        self._send(("call", exercise, args, kwargs, grads))
         return self._receive(deadline, "running your function")
 
     def stop(self, graceful: bool = True) -> None:
@@ -654,6 +687,12 @@ def _copy_back(args: tuple, kwargs: dict, key: Any, value: Any) -> None:
         original = kwargs[key] if isinstance(key, str) else args[key]
     except (KeyError, IndexError, TypeError):
         return
+    if attribute == _STATE and _torch_stateful(original) and isinstance(value, dict):
+        _load_state(original, value)
+        return
+    if attribute == _GRADS and _torch_stateful(original) and isinstance(value, dict):
+        _set_grads(original, value)
+        return
     if attribute is not None:
         if attribute in getattr(original, "__grading_writeback__", ()):
             setattr(original, attribute, value)
@@ -672,6 +711,24 @@ def _copy_back(args: tuple, kwargs: dict, key: Any, value: Any) -> None:
         if original.shape == value.shape:
             with torch.no_grad():
                 original.copy_(value)
+
+
+def _load_state(original: Any, state: dict) -> None:
+    """Copy a module's weights in place (tensors that alias them stay valid) or load an
+    optimizer's state; a state that does not fit is left out (the check then sees it)."""
+    import torch
+
+    try:
+        if isinstance(original, torch.nn.Module):
+            with torch.no_grad():
+                for name, tensor in original.state_dict(keep_vars=True).items():
+                    new = state.get(name)
+                    if hasattr(new, "shape") and new.shape == tensor.shape:
+                        tensor.copy_(new)
+        else:
+            original.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError):
+        pass
 
 
 # --------------------------------------------------------------------------- grading
