@@ -32,7 +32,9 @@ from tinylm.data import (
     load_corpus,
     prepare_tokens,
     split_text,
+    stories_entropy_bits_per_byte,
     story_log2prob,
+    text_documents,
 )
 from tinylm.stories import generate_stories
 
@@ -351,3 +353,22 @@ def test_bits_per_byte():
     assert bits_per_byte(math.log(256), 1.0) == pytest.approx(8.0)
     with pytest.raises(ValueError, match="bytes_per_token"):
         bits_per_byte(1.0, 0.0)
+
+
+def test_floor_of_given_stories_is_their_exact_entropy():
+    generated = generate_stories(20, seed=123)
+    texts = [text for text, _ in generated]
+    bits = -sum(log2p for _, log2p in generated)
+    n_bytes = sum(len((text + EOT).encode()) for text in texts)
+    assert stories_entropy_bits_per_byte(texts) == pytest.approx(bits / n_bytes, rel=1e-12)
+    # a corpus made of exactly these stories has the same floor
+    corpus = data.load_stories(seed=123, n_stories=20, cache=False)
+    assert corpus.entropy_bits_per_byte == pytest.approx(
+        stories_entropy_bits_per_byte(text_documents(corpus.text)), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="no stories given"):
+        stories_entropy_bits_per_byte([])
+
+
+def test_text_documents_splits_at_eot_and_drops_empty_ones():
+    assert text_documents(f"a b{EOT}c{EOT}\n{EOT}") == ["a b", "c"]

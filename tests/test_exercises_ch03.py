@@ -12,6 +12,7 @@ from tinylm.exercises.ch03 import (
     reference_adamw_step,
     reference_clip_grad_norm,
     reference_cosine_lr,
+    reference_training_step,
     reference_uniform_loss,
 )
 from tinylm.train import TrainConfig, lr_at
@@ -97,6 +98,66 @@ def adamw_no_bias_correction(
     return param * (1 - lr * weight_decay) - lr * m / (v.sqrt() + eps), m, v
 
 
+def training_step(model, optimizer, x, y, lr, grad_clip):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item(), norm.item()
+
+
+def step_without_zero_grad(model, optimizer, x, y, lr, grad_clip):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item(), norm.item()
+
+
+def step_clipping_after_the_update(model, optimizer, x, y, lr, grad_clip):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    return loss.item(), norm.item()
+
+
+def step_ignoring_lr(model, optimizer, x, y, lr, grad_clip):
+    return training_step(model, optimizer, x, y, optimizer.defaults["lr"], grad_clip)
+
+
+def step_returning_clipped_norm(model, optimizer, x, y, lr, grad_clip):
+    loss, norm = training_step(model, optimizer, x, y, lr, grad_clip)
+    return loss, min(norm, grad_clip)
+
+
+def step_with_hand_written_clip(model, optimizer, x, y, lr, grad_clip):
+    # right order, but a clip of its own (float64 norm): equal to rounding, not bit for bit
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    for g in grads:
+        g.mul_(min(1.0, grad_clip / (norm + 1e-6)))
+    optimizer.step()
+    return loss.item(), norm
+
+
 def stub(*args, **kwargs):
     raise NotImplementedError
 
@@ -115,6 +176,8 @@ def stub(*args, **kwargs):
         ("ch03.clip_grad_norm", reference_clip_grad_norm),
         ("ch03.adamw_step", adamw_step),
         ("ch03.adamw_step", reference_adamw_step),
+        ("ch03.training_step", training_step),
+        ("ch03.training_step", reference_training_step),
     ],
 )
 def test_correct_answers_pass(exercise_id, answer, exercise):
@@ -133,6 +196,11 @@ def test_correct_answers_pass(exercise_id, answer, exercise):
         ("ch03.clip_grad_norm", clip_norm_after_clipping, "before clipping"),
         ("ch03.adamw_step", adam_l2, "L2"),
         ("ch03.adamw_step", adamw_no_bias_correction, "beta1**step"),
+        ("ch03.training_step", step_without_zero_grad, "zero_grad"),
+        ("ch03.training_step", step_clipping_after_the_update, "too late"),
+        ("ch03.training_step", step_ignoring_lr, "group['lr'] = lr"),
+        ("ch03.training_step", step_returning_clipped_norm, "before clipping"),
+        ("ch03.training_step", step_with_hand_written_clip, "bit for bit"),
     ],
 )
 def test_wrong_answers_fail_with_a_targeted_hint(exercise_id, answer, fragment, exercise):
@@ -144,11 +212,19 @@ def test_wrong_return_shapes_fail_clearly():
     assert "pair (clipped_grads, norm)" in results()[-1].message
     assert check("ch03.adamw_step", lambda *a, **k: a[0]) is False
     assert "expected (param, m, v)" in results()[-1].message
+    assert check("ch03.training_step", lambda *a: reference_training_step(*a)[0]) is False
+    assert "a pair (loss, norm)" in results()[-1].message
 
 
 @pytest.mark.parametrize(
     "exercise_id",
-    ["ch03.uniform_loss", "ch03.cosine_lr", "ch03.clip_grad_norm", "ch03.adamw_step"],
+    [
+        "ch03.uniform_loss",
+        "ch03.cosine_lr",
+        "ch03.clip_grad_norm",
+        "ch03.adamw_step",
+        "ch03.training_step",
+    ],
 )
 def test_stub_is_not_attempted(exercise_id, exercise):
     exercise.not_attempted(exercise_id, stub)
@@ -195,3 +271,31 @@ def test_reference_adamw_matches_torch_over_several_steps():
         opt.step()
         param, m, v = reference_adamw_step(param, grad, m, v, step, 0.05, (0.9, 0.95), 1e-8, 0.3)
         torch.testing.assert_close(param, p.detach())
+
+
+# ----------------------------------------------------------------- the notebook and the grading fixture
+
+
+def test_notebook_solutions_pass_and_the_grading_fixture_fails_with_its_hints():
+    from pathlib import Path
+
+    import nbformat
+
+    from tinylm.classroom import is_solution
+
+    root = Path(__file__).resolve().parents[1]
+    notebook = nbformat.read(root / "notebooks" / "03_training.ipynb", as_version=4)
+    solutions: dict = {"math": math, "torch": torch, "F": torch.nn.functional}
+    for cell in notebook.cells:
+        if is_solution(cell):
+            exec(cell.source, solutions)
+    wrong: dict = {}
+    fixture = root / "tests" / "fixtures" / "classroom" / "ch03_wrong_answers.py"
+    exec(fixture.read_text(encoding="utf-8"), wrong)
+    ids = sorted(ex.id for ex in list_exercises(3))
+    assert sorted(wrong["HINTS"]) == ids
+    for exercise_id in ids:
+        name = exercise_id.split(".")[1]
+        assert check(exercise_id, solutions[name]) is True, results()[-1].message
+        assert check(exercise_id, wrong[name]) is False
+        assert wrong["HINTS"][exercise_id] in results()[-1].message

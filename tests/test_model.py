@@ -98,6 +98,8 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
         (dict(n_embd=32.0), r"n_embd must be an integer"),
         (dict(norm_eps=0.0), r"norm_eps must be a number > 0"),
         (dict(tie_embeddings="yes"), r"tie_embeddings must be True or False"),
+        (dict(position="alibi"), r"unknown position='alibi'"),
+        (dict(norm_placement="sandwich"), r"unknown norm_placement='sandwich'"),
     ],
 )
 def test_config_rejects_bad_values_clearly(kwargs, message):
@@ -477,3 +479,63 @@ def test_moe_cached_decode_and_aux_loss(variant):
     expected = sum(block.mlp.aux_loss for block in model.blocks)
     close(model.aux_loss(), expected)
     close(decode(model, idx, pad_mask, prefill=6)[pad_mask], full[pad_mask])
+
+
+# ----------------------------------------------------------------------------- ablation switches
+
+
+def _one_layer(**overrides) -> GPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16)
+    return GPT(GPTConfig(**{**base, **overrides})).eval()
+
+
+@pytest.mark.parametrize("position", ["rope", "none"])
+def test_without_rope_one_layer_cannot_tell_the_order_of_earlier_tokens(position):
+    # With no positional signal, the last query attends to a *set* of keys: in a one-layer
+    # model, shuffling the tokens before it cannot change its logits. RoPE makes order visible.
+    model = _one_layer(position=position)
+    idx = torch.tensor([[5, 9, 2, 40, 17, 3]])
+    shuffled = torch.tensor([[17, 2, 40, 5, 9, 3]])  # same tokens before the last one
+    with torch.no_grad():
+        same = torch.allclose(model(idx)[0, -1], model(shuffled)[0, -1], atol=1e-5)
+    assert same is (position == "none")
+
+
+def test_post_norm_block_normalises_each_residual_sum():
+    model = _one_layer(norm_placement="post")
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 16)
+    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
+    mask = model._attention_mask(None, None, 0, 5)
+    with torch.no_grad():
+        h = block.attn_norm(x + block.attn(x, cos, sin, mask, None))
+        want = block.mlp_norm(h + block.mlp(h))
+        torch.testing.assert_close(block(x, cos, sin, mask, None), want)
+        # and it is not the pre-norm block with the same weights
+        pre = x + block.attn(block.attn_norm(x), cos, sin, mask, None)
+        pre = pre + block.mlp(block.mlp_norm(pre))
+        assert not torch.allclose(want, pre, atol=1e-3)
+
+
+@pytest.mark.parametrize("switch", [dict(position="none"), dict(norm_placement="post")])
+def test_switched_models_decode_with_the_cache_and_round_trip(switch):
+    model = _one_layer(**switch)
+    idx = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2)
+        steps = [model(idx[:, :4], cache=cache)] + [
+            model(idx[:, t : t + 1], cache=cache) for t in range(4, 7)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert GPTConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))) == model.config
+
+
+def test_ports_refuse_the_ablation_layouts():
+    from tinylm.port.numpy_runtime import NumpyLM
+
+    model = _one_layer(norm_placement="post")
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match="norm_placement='post'"):
+        NumpyLM(model.config.to_dict(), weights)

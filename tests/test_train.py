@@ -376,3 +376,53 @@ def test_live_plot_collects_records_and_draws_headless():
     ax = fig.axes[0]
     assert ax.get_ylabel() == "bits per byte"
     assert len(ax.lines) == 4  # raw train, smoothed train, validation, entropy floor
+
+
+# --------------------------------------------------------------------------- whole-story evaluation
+
+
+@pytest.fixture(scope="module")
+def story_tokenizer():
+    from tinylm.data import EOT
+    from tinylm.stories import generate_stories
+    from tinylm.tokenizer import BPETokenizer
+
+    text = "".join(story + EOT for story, _ in generate_stories(30, seed=1))
+    return BPETokenizer.train(text, 300)
+
+
+def _story_bpb_by_hand(model, tokenizer, texts) -> float:
+    """Each target scored with all the tokens before it that fit in the context, one at a time."""
+    from tinylm.data import EOT
+
+    ctx, nats = model.config.context_length, 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = [tokenizer.eot_id, *tokenizer.encode(text), tokenizer.eot_id]
+            for t in range(1, len(ids)):
+                context = torch.tensor([ids[max(0, t - ctx) : t]])
+                logp = model(context)[0, -1].log_softmax(-1)
+                nats -= logp[ids[t]].item()
+    return nats / math.log(2) / sum(len((s + EOT).encode()) for s in texts)
+
+
+def test_story_evaluation_scores_every_token_once_from_the_story_start(story_tokenizer):
+    from tinylm.stories import generate_stories
+
+    texts = [s for s, _ in generate_stories(3, seed=2)]
+    lengths = [len(story_tokenizer.encode(s)) for s in texts]
+    # context longer than every story: one row per story, exactly the per-token sum
+    torch.manual_seed(0)
+    long = GPT(GPTConfig(vocab_size=300, context_length=max(lengths) + 2, n_layer=1, n_head=2, n_embd=16))  # fmt: skip
+    want = _story_bpb_by_hand(long, story_tokenizer, texts)
+    assert T.evaluate_stories_bpb(long, story_tokenizer, texts, batch_size=2) == pytest.approx(want, rel=1e-5)  # fmt: skip
+    # a short context: stride 1 gives every target its full window, as by hand
+    torch.manual_seed(0)
+    short = GPT(GPTConfig(vocab_size=300, context_length=24, n_layer=1, n_head=2, n_embd=16))
+    want = _story_bpb_by_hand(short, story_tokenizer, texts[:1])
+    got = T.evaluate_stories_bpb(short, story_tokenizer, texts[:1], stride=1)
+    assert got == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="stride=30"):
+        T.evaluate_stories_bpb(short, story_tokenizer, texts, stride=30)
+    with pytest.raises(ValueError, match="no stories given"):
+        T.evaluate_stories_bpb(short, story_tokenizer, [])

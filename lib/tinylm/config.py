@@ -14,6 +14,8 @@ from typing import Any
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 MLP_KINDS = ("dense", "moe")
 MOE_BALANCE_KINDS = ("bias", "aux_loss", "none")
+POSITION_KINDS = ("rope", "none")  # "none": no positional signal but the causal mask (NoPE)
+NORM_PLACEMENTS = ("pre", "post")  # "post": the original Transformer's x = norm(x + f(x))
 
 
 #: Named sizes of the same architecture (GPTConfig.preset). The big ones scale the default's
@@ -76,6 +78,9 @@ class GPTConfig:
     moe_balance: str = "bias"  # "bias" (DeepSeek-V3, aux-loss-free), "aux_loss", "none"
     moe_aux_loss_coef: float = 0.01
     moe_bias_update_rate: float = 1e-3
+    # ablation switches (chapter 03): the defaults are the Llama layout every port assumes
+    position: str = "rope"  # "rope", or "none": attention sees no positions (NoPE)
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": norm(x + f(x))
     # numerics
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -90,6 +95,8 @@ class GPTConfig:
         _check_choice("attention", self.attention, ATTENTION_KINDS)
         _check_choice("mlp", self.mlp, MLP_KINDS)
         _check_choice("moe_balance", self.moe_balance, MOE_BALANCE_KINDS)
+        _check_choice("position", self.position, POSITION_KINDS)
+        _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPTConfig: n_head={self.n_head} does not divide n_embd={self.n_embd} (each "

@@ -49,7 +49,9 @@ __all__ = [
     "load_text_file",
     "prepare_tokens",
     "split_text",
+    "stories_entropy_bits_per_byte",
     "story_log2prob",
+    "text_documents",
 ]
 
 EOT = "<|endoftext|>"  # written after every story; the tokenizer gives it a token of its own
@@ -135,6 +137,26 @@ def load_stories(
         atomic_write(text_path, data)
         atomic_write(meta_path, json.dumps(meta, indent=1).encode())  # last: marks complete
     return Corpus("stories", text, entropy, source)
+
+
+def text_documents(text: str) -> list[str]:
+    """The documents of a text written as ``doc + EOT + doc + EOT ...`` (empty ones dropped)."""
+    return [doc for doc in text.split(EOT) if doc.strip()]
+
+
+def stories_entropy_bits_per_byte(texts: list[str], grammar: StoryGrammar | None = None) -> float:
+    """The exact entropy floor of these stories: -log2 p(stories) / their bytes.
+
+    Each story counts with the EOT marker written after it, as in the corpus (the marker's
+    bytes cost 0 bits: where a story ends is part of the grammar's choices). This is the
+    floor of exactly the text a model is evaluated on, e.g. the validation stories or fresh
+    stories from an unseen seed, rather than the whole corpus's average.
+    """
+    if not texts:
+        raise ValueError("no stories given; pass a non-empty list of story texts (without EOT)")
+    bits = -math.fsum(story_log2prob(text, grammar) for text in texts)
+    n_bytes = sum(len((text + EOT).encode("utf-8")) for text in texts)
+    return bits / n_bytes
 
 
 def _grammar_fingerprint() -> str:

@@ -79,6 +79,11 @@ def check_tp(config: GPTConfig, world: int) -> None:
             f"{config.attention!r}, mlp={config.mlp!r}; use a model with attention='mha' or "
             "'gqa' and mlp='dense'."
         )
+    if config.position != "rope" or config.norm_placement != "pre":
+        raise ValueError(
+            f"tensor parallelism here runs the Llama layout (RoPE, pre-norm), got position="
+            f"{config.position!r}, norm_placement={config.norm_placement!r}; use the defaults."
+        )
     for name, size in (
         ("n_head", config.n_head),
         ("n_kv_head", config.n_kv_head),

@@ -52,11 +52,17 @@ __all__ = [
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += attn(norm(x)); x += mlp(norm(x))."""
+    """Pre-norm transformer block: x += attn(norm(x)); x += mlp(norm(x)).
+
+    With config.norm_placement="post" it is the original Transformer's post-norm block,
+    x = norm(x + attn(x)); x = norm(x + mlp(x)): every residual sum is normalised, so no
+    clean path runs from the output back to the embedding (chapter 03's ablation).
+    """
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         attn_cls = MultiHeadLatentAttention if config.attention == "mla" else CausalSelfAttention
+        self.post_norm = config.norm_placement == "post"
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = attn_cls(config, layer_idx)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
@@ -68,6 +74,9 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
     ) -> Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, cos, sin, mask, cache))
+            return self.mlp_norm(x + self.mlp(x))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -99,6 +108,8 @@ class GPT(nn.Module):
         cos, sin = rope_tables(
             rope_dim, config.context_length, config.rope_theta, config.rope_scaling
         )
+        if config.position == "none":  # rotate by angle 0 everywhere: RoPE becomes the identity
+            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # What new_cache builds: the float KVCache, or another KVCache class (int8, ...).

@@ -159,19 +159,35 @@ def load_or_train(
     made by the same recipe; otherwise `train_recipe(name)` runs the recipe from scratch and
     saves the result (see there for what meta holds).
     """
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    saved = load_recipe_checkpoint(name, device=device)
+    if saved is not None:
+        return saved
+    return train_recipe(name, device=device, progress=progress)
+
+
+def load_recipe_checkpoint(
+    name: str = "default", device: str | torch.device | None = None
+) -> tuple[torch.nn.Module, Any, dict] | None:
+    """(model, tokenizer, meta) from recipe `name`'s checkpoint, or None if it must be retrained.
+
+    None when there is no checkpoint, when it does not load (the reason is printed), or when
+    it was made by a different recipe (another model, corpus or training setting).
+    """
     recipe = _recipe(name)
     device = device if isinstance(device, torch.device) else pick_device(device)
     path = checkpoint_dir() / name
-    if path.exists():
-        try:
-            model, tokenizer, meta = ckpt.load(path, device=device)
-        except (OSError, ValueError) as err:
-            print(f"retraining {name!r}: the checkpoint at {path} does not load ({err})")
-        else:
-            if _what_trains(meta.get("recipe")) == _what_trains(recipe.to_dict()):
-                return model, tokenizer, meta
-            print(f"retraining {name!r}: the recipe changed since {path} was saved")
-    return train_recipe(name, device=device, progress=progress)
+    if not path.exists():
+        return None
+    try:
+        model, tokenizer, meta = ckpt.load(path, device=device)
+    except (OSError, ValueError) as err:
+        print(f"retraining {name!r}: the checkpoint at {path} does not load ({err})")
+        return None
+    if _what_trains(meta.get("recipe")) != _what_trains(recipe.to_dict()):
+        print(f"retraining {name!r}: the recipe changed since {path} was saved")
+        return None
+    return model, tokenizer, meta
 
 
 def _what_trains(recipe: dict | None) -> dict | None:

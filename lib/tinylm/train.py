@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tinylm import checkpoint as ckpt
 from tinylm.course.plots import LivePlot  # noqa: F401  (re-exported: train(..., callback=LivePlot()))
-from tinylm.data import bits_per_byte, get_batch
+from tinylm.data import EOT, bits_per_byte, get_batch
 from tinylm.device import pick_device
 from tinylm.util import in_notebook
 
@@ -284,6 +284,70 @@ def evaluate_bpb(
     """
     loss = evaluate_loss(model, tokens, block_size, batch_size, n_batches, seed)
     return bits_per_byte(loss, bytes_per_token)
+
+
+@torch.no_grad()
+def evaluate_stories_bpb(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    batch_size: int = 16,
+    stride: int | None = None,
+) -> float:
+    """Bits per byte of `model` on whole stories, each read from its own start.
+
+    Every story is scored as the corpus writes it, EOT + story + EOT: the model is given the
+    EOT and predicts every token of the story and the final EOT. So no position lacks the
+    story's beginning (as the early positions of a random window do), unless a story is
+    longer than the model's context: then windows of context_length tokens slide by
+    `stride` (default: half the context) and each target is scored once, with as much of
+    its story as fits. The bytes counted are those of story + EOT, the same units as
+    tinylm.data.stories_entropy_bits_per_byte on the same texts.
+    """
+    if not texts:
+        raise ValueError("no stories given; pass a non-empty list of story texts (without EOT)")
+    if tokenizer.eot_id is None:
+        raise ValueError("the tokenizer has no end-of-text token; train it on a corpus with EOT")
+    ctx = model.config.context_length
+    stride = stride or max(1, ctx // 2)
+    if not 1 <= stride <= ctx:
+        raise ValueError(f"stride={stride} must be between 1 and the context length {ctx}")
+    rows = []  # (input ids, target ids, how many trailing targets to score)
+    for text in texts:
+        ids = [tokenizer.eot_id, *tokenizer.encode(text), tokenizer.eot_id]
+        end, scored = min(len(ids), ctx + 1), 0
+        while True:
+            start = max(0, end - ctx - 1)
+            window = ids[start:end]
+            rows.append((window[:-1], window[1:], end - 1 - scored))
+            scored = end - 1
+            if end == len(ids):
+                break
+            end = min(len(ids), end + stride)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nats = 0.0
+    try:
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b : b + batch_size]
+            T = max(len(x) for x, _, _ in batch)
+            x = torch.zeros(len(batch), T, dtype=torch.long)
+            y = torch.full((len(batch), T), -100, dtype=torch.long)  # -100: not scored
+            for i, (xs, ys, n) in enumerate(batch):
+                x[i, : len(xs)] = torch.tensor(xs)  # right padding never reaches earlier tokens
+                y[i, len(ys) - n : len(ys)] = torch.tensor(ys[len(ys) - n :])
+            logits = model(x.to(device)).float()
+            total_nats += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),
+                y.to(device).reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
+    finally:
+        model.train(was_training)
+    n_bytes = sum(len((text + EOT).encode("utf-8")) for text in texts)
+    return total_nats / math.log(2) / n_bytes
 
 
 # --------------------------------------------------------------------------- training

@@ -824,6 +824,12 @@ class NumpyLM(CachedLM):
                 f"NumpyLM supports attention mha/gqa/mqa/mla and mlp dense/moe, got "
                 f"attention={cfg['attention']!r}, mlp={cfg['mlp']!r}."
             )
+        if cfg.get("position", "rope") != "rope" or cfg.get("norm_placement", "pre") != "pre":
+            raise NotImplementedError(
+                "NumpyLM runs the Llama layout (RoPE, pre-norm), got position="
+                f"{cfg.get('position')!r}, norm_placement={cfg.get('norm_placement')!r}; these "
+                "are chapter 03's ablation switches: port a model trained with the defaults."
+            )
         self.config, self.tokenizer, self.quantize = cfg, tokenizer, quantize
         self.eps = cfg["norm_eps"]
         w = WeightReader(weights, cfg, quantize, include_head, quant_layers)

@@ -170,6 +170,11 @@ def export_onnx(
     (an empty past) and decode.
     """
     cfg = model.config
+    if cfg.position != "rope" or cfg.norm_placement != "pre":
+        raise NotImplementedError(
+            f"export_onnx builds the Llama layout (RoPE, pre-norm), got position={cfg.position!r}, "
+            f"norm_placement={cfg.norm_placement!r}; export a model trained with the defaults."
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = ExportGraph(model, activations).eval()

@@ -2,8 +2,9 @@
 
 The inputs are chosen so that the typical mistakes give a different answer: a loss in bits
 instead of nats, a warm-up that starts at 0 or a cosine that ends one step late, clipping
-each tensor on its own instead of by the global norm, and Adam with an L2 penalty (weight
-decay added to the gradient) instead of AdamW's decoupled decay.
+each tensor on its own instead of by the global norm, Adam with an L2 penalty (weight
+decay added to the gradient) instead of AdamW's decoupled decay, and a training step that
+forgets zero_grad, clips too late or not at all, or ignores the schedule's learning rate.
 """
 
 from __future__ import annotations
@@ -298,3 +299,198 @@ def _check_adamw_step(answer: Any) -> str:
         )
         param, m, v = got, torch.as_tensor(result[1]), torch.as_tensor(result[2])
     return "5 updates in a row match torch.optim.AdamW"
+
+
+# --------------------------------------------------------------------------- core: a training step
+
+
+def reference_training_step(
+    model: Any, optimizer: Any, x: Any, y: Any, lr: float, grad_clip: float
+) -> tuple[float, float]:
+    """One update, exactly as tinylm.train.train does it; returns (loss, norm before clipping).
+
+    Set this step's lr, forward, cross-entropy, forget the last step's gradients, backward,
+    clip by the global norm, AdamW step. The order matters bit for bit: clipping before the
+    step, and the gradients zeroed before backward (else they add up over steps).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item(), norm.item()
+
+
+def _step_without_zero_grad(model, optimizer, x, y, lr, grad_clip):
+    import torch
+    import torch.nn.functional as F
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item(), norm.item()
+
+
+def _step_without_clipping(model, optimizer, x, y, lr, grad_clip):
+    return reference_training_step(model, optimizer, x, y, lr, float("inf"))
+
+
+def _step_ignoring_lr(model, optimizer, x, y, lr, grad_clip):
+    return reference_training_step(model, optimizer, x, y, optimizer.defaults["lr"], grad_clip)
+
+
+_STEP_MISTAKES = [
+    (
+        _step_without_zero_grad,
+        "the gradients of earlier steps were added to this one's: .backward() accumulates "
+        "into .grad, so call optimizer.zero_grad() before loss.backward() in every step",
+    ),
+    (
+        _step_without_clipping,
+        "the update used the unclipped gradient: call torch.nn.utils.clip_grad_norm_("
+        "model.parameters(), grad_clip) after loss.backward() and before optimizer.step() "
+        "(clipping after the step is too late)",
+    ),
+    (
+        _step_ignoring_lr,
+        "the step used the optimizer's initial learning rate: set group['lr'] = lr for every "
+        "group in optimizer.param_groups before optimizer.step()",
+    ),
+]
+
+_STEP_SETUP = dict(vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=32)
+_STEP_TRAIN = dict(
+    steps=20, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, grad_clip=0.5, seed=5
+)
+_STEP_COUNT = 3
+
+
+def _step_world() -> tuple[Any, Any, Any]:
+    """(data, GPTConfig, TrainConfig) of the check: a tiny model on random token ids."""
+    import torch
+
+    from tinylm.data import TokenSplits
+    from tinylm.model import GPTConfig
+    from tinylm.train import TrainConfig
+
+    g = torch.Generator().manual_seed(11)
+    train = torch.randint(0, _STEP_SETUP["vocab_size"], (2_000,), generator=g)
+    val = torch.randint(0, _STEP_SETUP["vocab_size"], (200,), generator=g)
+    data = TokenSplits(train, val, 4 * len(train), 4 * len(val))
+    return data, GPTConfig(**_STEP_SETUP), TrainConfig(**_STEP_TRAIN, device="cpu")
+
+
+def _library_trajectory() -> tuple[list[dict], list[dict]]:
+    """The weights after each of the first _STEP_COUNT steps of tinylm.train.train, and its records."""
+    import torch
+
+    from tinylm.model import GPT
+    from tinylm.train import train
+
+    data, config, train_config = _step_world()
+    torch.manual_seed(0)
+    model = GPT(config)
+    snapshots: list[dict] = []
+
+    def snapshot(record: dict) -> None:
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    history = train(
+        model, data, train_config, callback=snapshot, progress=False, stop_at=_STEP_COUNT
+    )
+    return snapshots, list(history)
+
+
+def _run_steps(step_fn: Any, n_steps: int, learner: bool) -> tuple[list[dict], list]:
+    """Apply step_fn n_steps times the way train() does: same init, optimizer, batches, lr."""
+    import torch
+
+    from tinylm.data import get_batch
+    from tinylm.model import GPT
+    from tinylm.train import lr_at, make_optimizer
+
+    data, config, train_config = _step_world()
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    optimizer = make_optimizer(model, train_config)
+    batches = torch.Generator().manual_seed(train_config.seed)
+    snapshots, returns = [], []
+    for step in range(n_steps):
+        x, y = get_batch(data.train, train_config.batch_size, config.context_length, batches)
+        lr = lr_at(step, train_config)
+        args = (model, optimizer, x, y, lr, train_config.grad_clip)
+        returns.append(call(step_fn, *args) if learner else step_fn(*args))
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return snapshots, returns
+
+
+def _same_weights(a: dict, b: dict, exact: bool = True) -> bool:
+    import torch
+
+    if exact:
+        return all(torch.equal(a[k], b[k]) for k in b)
+    return all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in b)
+
+
+@exercise("ch03.training_step", difficulty="core", title="One training step, bit for bit")
+def _check_training_step(answer: Any) -> str:
+    expected, records = _library_trajectory()
+    got, returns = _run_steps(answer, _STEP_COUNT, learner=True)
+    for step, (mine, want, value, record) in enumerate(
+        zip(got, expected, returns, records, strict=True), start=1
+    ):
+        what = f"after step {step} (lr {record['lr']:.2e}, grad_clip {_STEP_TRAIN['grad_clip']})"
+        if not (isinstance(value, tuple | list) and len(value) == 2):
+            raise Fail(
+                f"training_step returned {_describe(value)} at step {step}; expected a pair "
+                "(loss, norm) of numbers"
+            )
+        if not _same_weights(mine, want):
+            hint = None
+            for wrong, message in _STEP_MISTAKES:
+                if _same_weights(mine, _run_steps(wrong, step, learner=False)[0][-1]):
+                    hint = message
+                    break
+            if hint is None and _same_weights(mine, want, exact=False):
+                hint = (
+                    "your weights agree to rounding but not bit for bit: use the library's "
+                    "pieces in its order (F.cross_entropy on the float logits, "
+                    "torch.nn.utils.clip_grad_norm_, optimizer.step()); a hand-written "
+                    "clip or update rounds differently"
+                )
+            raise Fail(
+                f"the weights {what} differ from tinylm.train.train's",
+                hint=hint or "forward, loss, zero_grad, backward, clip, step: in this order",
+            )
+        loss, norm = value
+        expect_close(
+            loss,
+            record["train_loss"],
+            rel=1e-6,
+            what=f"the loss returned at step {step}",
+            hint="return loss.item(), the loss of this step's batch before the update",
+        )
+        expect_close(
+            norm,
+            record["grad_norm"],
+            rel=1e-6,
+            what=f"the gradient norm returned at step {step}",
+            hint=(
+                "return the norm before clipping: the value torch.nn.utils.clip_grad_norm_ "
+                "returns, not grad_clip"
+            ),
+        )
+    return (
+        f"{_STEP_COUNT} steps give bit-identical weights to tinylm.train.train "
+        "(clipping was active), and the same loss and gradient norm"
+    )
