@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from tinylm.exercises import check, list_exercises, results
-from tinylm.exercises.ch03 import (
+from tinylm.course.exercises.ch03 import (
     reference_adamw_step,
     reference_clip_grad_norm,
     reference_cosine_lr,
     reference_training_step,
     reference_uniform_loss,
 )
+from tinylm.exercises import check, list_exercises, results
 from tinylm.train import TrainConfig, lr_at
 
 # Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
@@ -281,7 +281,7 @@ def test_notebook_solutions_pass_and_the_grading_fixture_fails_with_its_hints():
 
     import nbformat
 
-    from tinylm.classroom import is_solution
+    from tinylm.course.classroom import is_solution
 
     root = Path(__file__).resolve().parents[1]
     notebook = nbformat.read(root / "notebooks" / "03_training.ipynb", as_version=4)

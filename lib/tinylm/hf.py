@@ -183,6 +183,12 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype, eos_token_id: int | None
             "LlamaForCausalLM equivalent (it has dense SwiGLU MLPs and MHA/GQA/MQA attention); "
             "fix: export a model with attention in ('mha', 'gqa', 'mqa') and mlp='dense'."
         )
+    if config.position != "rope" or config.norm_placement != "pre":
+        raise HFImportError(
+            f"save_hf: position={config.position!r}, norm_placement={config.norm_placement!r} "
+            "(chapter 03's ablation switches) has no LlamaForCausalLM equivalent (RoPE, "
+            "pre-norm); fix: export a model trained with the defaults."
+        )
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -26,8 +26,9 @@ import argparse
 import dataclasses
 
 from tinylm.data import split_text, stories_entropy_bits_per_byte, text_documents
+from tinylm.recipes import RECIPES, load_or_train, recipe_data
 from tinylm.stories import generate_stories
-from tinylm.train import RECIPES, evaluate_stories_bpb, load_or_train, recipe_data
+from tinylm.train import evaluate_stories_bpb
 
 
 def variants() -> dict[str, dict]:
