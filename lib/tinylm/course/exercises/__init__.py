@@ -67,7 +67,9 @@ Adding a chapter's checks (chapter authors)
 
    or, where the check seeds a generator, ``torch.Generator().manual_seed(case_seed(2))``
    (``np.random.default_rng(case_seed(7))``). Draw only valid inputs (shapes that divide,
-   probabilities that sum to 1): the reference must be right on every draw.
+   probabilities that sum to 1): the reference must be right on every draw. When graded,
+   each `case_seed` call gives a new seed: call it once per case and pass it to every
+   helper that must build the same inputs (the reference's run and the learner's).
 4. Keep what grading needs in mind (nothing else to write: the same check function grades
    the submission). The grader calls the learner's function in a worker process, so:
    the check passes it arguments that pickle (tensors, configs, modules, lists; no

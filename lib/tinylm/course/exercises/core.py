@@ -463,7 +463,9 @@ def case_seed(seed: int) -> int:
     """The seed a check draws its random inputs from: ``seed`` in the notebook, fresh when graded.
 
     Use it wherever a check seeds a generator, e.g.
-    ``g = torch.Generator().manual_seed(case_seed(2))``.
+    ``g = torch.Generator().manual_seed(case_seed(2))``. When graded, every call returns a
+    new seed: where the reference and the learner's run must see the same inputs (e.g. two
+    helpers that each build the data), call it once per check and pass the seed down.
     """
     if _Unseen.rng is None:
         return seed
