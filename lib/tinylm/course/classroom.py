@@ -631,8 +631,8 @@ def grade(
                 submission.chapter,
                 data_dir=source,
                 seed=seed,
-                exercise_seconds=exercise_timeout,
-                threads=threads,
+                exercise_seconds=exercise_timeout,  # the worker keeps the default threads, as
+                # this process does: a bit-for-bit check compares results of both
                 fallback=_instructor_answers(submission.chapter),
             )
         except (OSError, ValueError, AttributeError, TypeError) as exc:

@@ -375,7 +375,7 @@ _STEP_TRAIN = dict(
 _STEP_COUNT = 3
 
 
-def _step_world() -> tuple[Any, Any, Any]:
+def _step_world(data_seed: int = 11) -> tuple[Any, Any, Any]:
     """(data, GPTConfig, TrainConfig) of the check: a tiny model on random token ids."""
     import torch
 
@@ -383,21 +383,21 @@ def _step_world() -> tuple[Any, Any, Any]:
     from tinylm.model import GPTConfig
     from tinylm.train import TrainConfig
 
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(data_seed)
     train = torch.randint(0, _STEP_SETUP["vocab_size"], (2_000,), generator=g)
     val = torch.randint(0, _STEP_SETUP["vocab_size"], (200,), generator=g)
     data = TokenSplits(train, val, 4 * len(train), 4 * len(val))
     return data, GPTConfig(**_STEP_SETUP), TrainConfig(**_STEP_TRAIN, device="cpu")
 
 
-def _library_trajectory() -> tuple[list[dict], list[dict]]:
+def _library_trajectory(data_seed: int = 11) -> tuple[list[dict], list[dict]]:
     """The weights after each of the first _STEP_COUNT steps of tinylm.train.train, and its records."""
     import torch
 
     from tinylm.model import GPT
     from tinylm.train import train
 
-    data, config, train_config = _step_world()
+    data, config, train_config = _step_world(data_seed)
     torch.manual_seed(0)
     model = GPT(config)
     snapshots: list[dict] = []
@@ -411,7 +411,9 @@ def _library_trajectory() -> tuple[list[dict], list[dict]]:
     return snapshots, list(history)
 
 
-def _run_steps(step_fn: Any, n_steps: int, learner: bool) -> tuple[list[dict], list]:
+def _run_steps(
+    step_fn: Any, n_steps: int, learner: bool, data_seed: int = 11
+) -> tuple[list[dict], list]:
     """Apply step_fn n_steps times the way train() does: same init, optimizer, batches, lr."""
     import torch
 
@@ -419,7 +421,7 @@ def _run_steps(step_fn: Any, n_steps: int, learner: bool) -> tuple[list[dict], l
     from tinylm.model import GPT
     from tinylm.train import lr_at, make_optimizer
 
-    data, config, train_config = _step_world()
+    data, config, train_config = _step_world(data_seed)
     torch.manual_seed(0)
     model = GPT(config).train()
     optimizer = make_optimizer(model, train_config)
@@ -444,8 +446,9 @@ def _same_weights(a: dict, b: dict, exact: bool = True) -> bool:
 
 @exercise("ch03.training_step", difficulty="core", title="One training step, bit for bit")
 def _check_training_step(answer: Any) -> str:
-    expected, records = _library_trajectory()
-    got, returns = _run_steps(answer, _STEP_COUNT, learner=True)
+    data_seed = case_seed(11)  # once: the library's run and the learner's see the same data
+    expected, records = _library_trajectory(data_seed)
+    got, returns = _run_steps(answer, _STEP_COUNT, learner=True, data_seed=data_seed)
     for step, (mine, want, value, record) in enumerate(
         zip(got, expected, returns, records, strict=True), start=1
     ):
@@ -458,7 +461,9 @@ def _check_training_step(answer: Any) -> str:
         if not _same_weights(mine, want):
             hint = None
             for wrong, message in _STEP_MISTAKES:
-                if _same_weights(mine, _run_steps(wrong, step, learner=False)[0][-1]):
+                if _same_weights(
+                    mine, _run_steps(wrong, step, learner=False, data_seed=data_seed)[0][-1]
+                ):
                     hint = message
                     break
             if hint is None and _same_weights(mine, want, exact=False):
