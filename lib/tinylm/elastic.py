@@ -213,10 +213,29 @@ def worker(workdir: Path) -> None:
                     _log(workdir, event="checkpoint", attempt=attempt, step=done,
                          seconds=time.perf_counter() - t0)  # fmt: skip
                 dist.barrier()  # nobody runs ahead of a checkpoint that is not written yet
+        dist.barrier()  # everyone is done with the collectives
     finally:
         dist.destroy_process_group()
     if rank == 0:
         _log(workdir, event="done", attempt=attempt, step=job.steps)
+    _exit_together(store, f"tinylm-exited-{attempt}", rank, world)
+
+
+def _exit_together(store: dist.TCPStore, key: str, rank: int, world: int) -> None:
+    """Leave without tripping over the shutdown of torch's C++ threads.
+
+    Rank 0 may host the store: if it exits first, a peer still talking to it aborts, and a
+    worker that exits with an error makes torchrun restart a job that had finished. So every
+    rank checks in, rank 0 waits for all of them, and each leaves with os._exit(0) (its work
+    and its log lines are already on disk), which skips the C++ destructors that can abort
+    ("terminate called without an active exception") at interpreter exit.
+    """
+    store.add(key, 1)
+    if rank == 0:
+        deadline = time.monotonic() + 30
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- the launcher
