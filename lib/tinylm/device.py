@@ -42,6 +42,11 @@ def is_available(kind: str) -> bool:
     raise ValueError(f"unknown device kind {kind!r}; use one of {', '.join(KNOWN_DEVICES)}")
 
 
+def is_cuda(device: str | torch.device) -> bool:
+    """True for an NVIDIA or AMD GPU (torch calls both ``cuda``): CUDA graphs, GPU int4 kernels."""
+    return torch.device(device).type == "cuda"
+
+
 def available_devices() -> list[str]:
     """Return the device kinds usable on this machine, best first."""
     return [kind for kind in KNOWN_DEVICES if is_available(kind)]

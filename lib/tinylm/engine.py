@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinylm.attention import CausalSelfAttention, KVCache
+from tinylm.device import is_cuda
 from tinylm.generate import _check_sampling, _sample
 from tinylm.layers import apply_rope
 from tinylm.model import GPT, Block, count_parameters
@@ -80,7 +81,7 @@ def low_bit_kernels(device: torch.device) -> dict[str, str | None]:
             else ["_convert_weight_to_int4pack", "_weight_int4pack_mm"]
         ),
     }
-    if not cpu and device.type != "cuda":
+    if not cpu and not is_cuda(device):
         return {k: f"no low-bit kernel for {device.type} in torch" for k in need}
     out: dict[str, str | None] = {}
     for fmt, ops in need.items():
@@ -214,7 +215,7 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
         return "torch.compile's CPU backend is not supported on Windows here"
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
         return "no C++ compiler found (install g++ or clang to compile decode steps)"
-    if device.type not in ("cpu", "cuda"):
+    if device.type != "cpu" and not is_cuda(device):
         return f"torch.compile is not set up for {device.type} here"
     return None
 
@@ -388,7 +389,7 @@ class Engine:
     def _compile(self) -> None:
         import torch._dynamo  # noqa: F401  (makes the compiler's errors importable below)
 
-        if self.device.type == "cuda":
+        if is_cuda(self.device):
             # One CUDA graph for the whole step: launching it costs one call, not hundreds.
             self._step_fn = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
         else:
