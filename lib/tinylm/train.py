@@ -5,9 +5,14 @@ The loop is the classic nanoGPT one, written to be read:
     for each step:
         lr    = lr_at(step, config)                 # warm-up, then cosine decay to min_lr
         x, y  = a random batch of windows           # from a generator seeded by config.seed
-        loss  = cross_entropy(model(x), y) + model.aux_loss()
-        loss.backward(); clip the gradient norm; optimizer.step()
+        training_step(model, optimizer, x, y, lr, config.grad_clip):
+            loss = cross_entropy(model(x), y) + model.aux_loss()
+            loss.backward(); clip the gradient norm; optimizer.step()
         every eval_interval steps: bits per byte on fixed validation windows
+        every checkpoint_interval steps: a resumable checkpoint
+
+`training_step` is that one update; `train` adds the bookkeeping around it (records,
+evaluation, checkpoints, the progress bar, resuming, stopping on NaN).
 
 Everything that decides the result is seeded and saved in checkpoints (weights, optimizer
 moments, the batch generator's state), so a run that is stopped and resumed ends with
@@ -193,8 +198,82 @@ class History(list):
         return values[-1] if values else None
 
 
+# --------------------------------------------------------------------------- one step
+
+
 class TrainingDiverged(FloatingPointError):
-    """The loss or gradient became NaN or infinite; training stopped before saving anything."""
+    """The loss or gradient became NaN or infinite; training stopped before saving anything.
+
+    `what` ("loss" or "gradient norm"), `value` and `lr` say what went wrong where it did.
+    """
+
+    what: str = ""
+    value: float = math.nan
+    lr: float = math.nan
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one training_step measured: figures taken before the update was applied."""
+
+    loss: float  # cross-entropy of the batch, nats per token
+    aux_loss: float  # the model's auxiliary loss (MoE balance; 0 for a dense model)
+    grad_norm: float  # global gradient norm before clipping
+
+
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    grad_clip: float | None,
+) -> StepResult:
+    """One optimizer update on the batch (x, y), the step `train` repeats; returns its figures.
+
+    Set the lr on every parameter group, forward, cross-entropy on the float logits plus
+    the model's aux_loss(), forget the last step's gradients, backward, clip the global
+    gradient norm to grad_clip (None: no clipping), AdamW step. The order matters bit for
+    bit: gradients are zeroed before backward (else they add up over steps) and clipped
+    before the step. Raises TrainingDiverged, before the weights change, when the loss or
+    the gradient norm is not finite.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    aux = model.aux_loss() if hasattr(model, "aux_loss") else torch.zeros((), device=loss.device)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise _diverged("loss", loss_value, lr)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    max_norm = math.inf if grad_clip is None else grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    if not math.isfinite(grad_norm):
+        raise _diverged("gradient norm", grad_norm, lr)
+    optimizer.step()
+    return StepResult(loss=loss_value, aux_loss=float(aux.item()), grad_norm=grad_norm)
+
+
+def _diverged(
+    what: str, value: float, lr: float, step: int | None = None, checkpoint_dir: Any = None
+) -> TrainingDiverged:
+    """A TrainingDiverged that names the problem, the likely causes and the fixes."""
+    where = "" if step is None else f" at step {step}"
+    kept = (
+        f" The last good checkpoint in {checkpoint_dir} was left untouched."
+        if checkpoint_dir is not None
+        else ""
+    )
+    err = TrainingDiverged(
+        f"training diverged{where}: the {what} is {value} (lr={lr:.3g}). Likely causes: the "
+        "learning rate is too high (lower lr, lengthen warm-up_steps, keep grad_clip on), fp16 "
+        "overflow (train in float32 or bfloat16), or bad input data. Nothing was saved for this step."
+        f"{kept}"
+    )
+    err.what, err.value, err.lr = what, value, lr
+    return err
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -457,27 +536,11 @@ def train(
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             x, y = get_batch(data.train, config.batch_size, block_size, generator, device=device)
-            logits = model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-            aux = model.aux_loss() if hasattr(model, "aux_loss") else torch.zeros((), device=device)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    _diverged_message(step + 1, "loss", loss_value, lr, checkpoint_dir)
-                )
-            optimizer.zero_grad(set_to_none=True)
-            (loss + aux).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.grad_clip or math.inf
-            ).item()
-            if not math.isfinite(grad_norm):
-                raise TrainingDiverged(
-                    _diverged_message(step + 1, "gradient norm", grad_norm, lr, checkpoint_dir)
-                )
-            optimizer.step()
+            try:
+                result = training_step(model, optimizer, x, y, lr, config.grad_clip)
+            except TrainingDiverged as err:  # say which step, and that the checkpoint is safe
+                raise _diverged(err.what, err.value, lr, step + 1, checkpoint_dir) from None
             dt = time.perf_counter() - t0
             train_time += dt
             rate = tokens_per_step / dt if rate is None else 0.9 * rate + 0.1 * tokens_per_step / dt
@@ -486,10 +549,10 @@ def train(
             record = {
                 "step": done,
                 "lr": lr,
-                "train_loss": loss_value,
-                "train_bpb": bits_per_byte(loss_value, data.train_bytes_per_token),
-                "aux_loss": float(aux.item()),
-                "grad_norm": grad_norm,
+                "train_loss": result.loss,
+                "train_bpb": bits_per_byte(result.loss, data.train_bytes_per_token),
+                "aux_loss": result.aux_loss,
+                "grad_norm": result.grad_norm,
                 "tokens_seen": done * tokens_per_step,
                 "elapsed": elapsed_before + time.perf_counter() - t_start,
                 "tokens_per_s": (done - start) * tokens_per_step / train_time,
@@ -500,7 +563,7 @@ def train(
             history.append(record)
             if callback is not None:
                 callback(record)
-            postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{rate:,.0f}"}
+            postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{rate:,.0f}"}
             if last_val is not None:
                 postfix["val_bpb"] = f"{last_val:.3f}"
             bar.set_postfix(postfix, refresh=False)
@@ -526,20 +589,6 @@ def train(
         if not (saved_every and end % saved_every == 0):  # not saved at this very step already
             save_checkpoint(end, elapsed_before + time.perf_counter() - t_start)
     return history
-
-
-def _diverged_message(step: int, what: str, value: float, lr: float, checkpoint_dir: Any) -> str:
-    kept = (
-        f" The last good checkpoint in {checkpoint_dir} was left untouched."
-        if checkpoint_dir is not None
-        else ""
-    )
-    return (
-        f"training diverged at step {step}: the {what} is {value} (lr={lr:.3g}). Likely causes: the "
-        "learning rate is too high (lower lr, lengthen warm-up_steps, keep grad_clip on), fp16 "
-        "overflow (train in float32 or bfloat16), or bad input data. Nothing was saved for this step."
-        f"{kept}"
-    )
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -311,20 +311,13 @@ def reference_training_step(
 
     Set this step's lr, forward, cross-entropy, forget the last step's gradients, backward,
     clip by the global norm, AdamW step. The order matters bit for bit: clipping before the
-    step, and the gradients zeroed before backward (else they add up over steps).
+    step, and the gradients zeroed before backward (else they add up over steps). It is the
+    library's own step, tinylm.train.training_step, so the two cannot drift apart.
     """
-    import torch
-    import torch.nn.functional as F
+    from tinylm.train import training_step
 
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.item(), norm.item()
+    result = training_step(model, optimizer, x, y, lr, grad_clip)
+    return result.loss, result.grad_norm
 
 
 def _step_without_zero_grad(model, optimizer, x, y, lr, grad_clip):
