@@ -10,7 +10,7 @@ import torch
 
 from tinylm import checkpoint
 from tinylm import train as T
-from tinylm.data import TokenSplits
+from tinylm.data import TokenSplits, get_batch
 from tinylm.model import GPT, GPTConfig
 from tinylm.train import History, LivePlot, TrainConfig, TrainingDiverged, lr_at, train
 
@@ -426,3 +426,36 @@ def test_story_evaluation_scores_every_token_once_from_the_story_start(story_tok
         T.evaluate_stories_bpb(short, story_tokenizer, texts, stride=30)
     with pytest.raises(ValueError, match="no stories given"):
         T.evaluate_stories_bpb(short, story_tokenizer, [])
+
+
+def test_train_is_training_step_repeated_bit_for_bit():
+    """train() adds only bookkeeping: the public per-step function gives the same weights."""
+    config = small_config(steps=4, eval_interval=100)
+    data = learnable_splits()
+    trained = tiny_model()
+    history = train(trained, data, config, progress=False)
+
+    model = tiny_model().train()
+    optimizer = T.make_optimizer(model, config)
+    batches = torch.Generator().manual_seed(config.seed)
+    block = model.config.context_length
+    for step in range(config.steps):
+        x, y = get_batch(data.train, config.batch_size, block, batches)
+        result = T.training_step(model, optimizer, x, y, lr_at(step, config), config.grad_clip)
+        assert result.loss == history[step]["train_loss"]
+        assert result.grad_norm == history[step]["grad_norm"]
+    for mine, theirs in zip(model.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_training_step_refuses_a_nan_loss_before_changing_the_weights():
+    model = tiny_model().train()
+    optimizer = T.make_optimizer(model, small_config())
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.zeros(2, 8, dtype=torch.long)
+    forward = model.forward
+    model.forward = lambda idx: forward(idx) * float("nan")
+    with pytest.raises(TrainingDiverged, match=r"loss is nan.*learning rate") as err:
+        T.training_step(model, optimizer, x, x, lr=1e-3, grad_clip=1.0)
+    assert err.value.what == "loss"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from tinylm.util import check_int, is_number
+
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 MLP_KINDS = ("dense", "moe")
 MOE_BALANCE_KINDS = ("bias", "aux_loss", "none")
@@ -37,10 +39,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"GPTConfig.{name} must be an integer >= {minimum}, got {value!r}; set it to one."
-        )
+    check_int(f"GPTConfig.{name}", value, minimum, fix="set it to one")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -105,7 +104,7 @@ class GPTConfig:
             )
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a number > 0, got {value!r}.")
         self._check_rope_scaling()
         if not isinstance(self.tie_embeddings, bool):
@@ -128,7 +127,7 @@ class GPTConfig:
             )
         for key in keys - {"rope_type"}:
             value = s[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ValueError(f"GPTConfig.rope_scaling[{key!r}] must be > 0, got {value!r}.")
         if s["high_freq_factor"] <= s["low_freq_factor"]:
             raise ValueError(
@@ -213,7 +212,7 @@ class GPTConfig:
         _check_int("expert_hidden", self.expert_hidden)
         for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"GPTConfig.{name} must be a number >= 0, got {value!r}.")
 
     @property

@@ -54,6 +54,7 @@ from typing import Any
 from tinylm.config import ATTENTION_KINDS, MLP_KINDS, kv_vectors_per_token
 from tinylm.hardware import Chip
 from tinylm.paths import REPO_ROOT
+from tinylm.util import check_int
 
 #: The reference architectures shipped with the workbook.
 DEFAULT_MODELS_CSV = REPO_ROOT / "data" / "models.csv"
@@ -92,8 +93,7 @@ class Matmul:
 
 
 def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}.")
+    check_int(f"{owner}: {name}", value, minimum)
 
 
 @dataclass(frozen=True)

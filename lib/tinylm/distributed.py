@@ -57,6 +57,7 @@ from torch import Tensor
 from tinylm.attention import KVCache, attention_mask
 from tinylm.layers import apply_rope, rope_tables
 from tinylm.model import GPT, GPTConfig
+from tinylm.util import check_int
 
 #: Default time a worker may take for one forward before the coordinator calls it hung.
 DEFAULT_STEP_TIMEOUT_S = 20.0
@@ -71,8 +72,7 @@ DEFAULT_START_TIMEOUT_S = 120.0
 
 def check_tp(config: GPTConfig, world: int) -> None:
     """Raise ValueError unless `config` can be split over `world` ranks by this module."""
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world size must be an integer >= 1, got {world!r}.")
+    check_int("world size", world, 1, fix="the number of ranks to split the model over")
     if config.attention not in ("mha", "gqa") or config.mlp != "dense":
         raise ValueError(
             f"tensor parallelism here supports dense MHA/GQA models, got attention="

@@ -33,6 +33,7 @@ from pathlib import Path
 from tinylm.costs import Estimate, ModelShape, estimate
 from tinylm.hardware import Chip
 from tinylm.paths import REPO_ROOT
+from tinylm.util import is_number
 
 #: Price assumptions shipped with the workbook (one row per figure, with a source column).
 DEFAULT_PRICES_CSV = REPO_ROOT / "data" / "prices.csv"
@@ -82,7 +83,7 @@ class ChipPrice:
     def __post_init__(self) -> None:
         for name in PRICE_UNITS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_number(value):
                 raise ValueError(
                     f"ChipPrice {self.chip!r}: {name} must be a number, got {value!r}."
                 )

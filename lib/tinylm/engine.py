@@ -50,7 +50,7 @@ from tinylm.generate import _check_sampling, _sample
 from tinylm.layers import apply_rope
 from tinylm.model import GPT, Block, count_parameters
 from tinylm.quant import quantize_tensor
-from tinylm.util import check_memory
+from tinylm.util import check_int, check_memory
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4-g32")
 INT4_GROUP = 32
@@ -317,8 +317,7 @@ class Engine:
         self.max_len = ctx if max_len is None else max_len
         if not 1 <= self.max_len <= ctx:
             raise ValueError(f"max_len={max_len} must be in 1..context_length={ctx}.")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}.")
+        check_int("max_batch", max_batch, 1, fix="the most rows one step may batch, e.g. 8")
         self.config, self.max_batch, self.weights = cfg, max_batch, weights
         self.device = model.lm_head.weight.device
         self.fallback_reason: str | None = None
@@ -487,12 +486,7 @@ class Engine:
     ) -> list[int] | list[list[int]]:
         """New token ids for one prompt (-> list[int]) or equal-length rows (-> list[list])."""
         _check_sampling(temperature, top_k, top_p)
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 0
-        ):
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+        check_int("max_new_tokens", max_new_tokens, 0, fix="0 returns no new tokens")
         ids, batched = self._batch(prompt_ids)
         B, T = ids.shape
         if T + max_new_tokens - 1 > self.max_len:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from tinylm.attention import KVCache
 from tinylm.model import GPT
+from tinylm.util import is_int, is_number
 
 #: A prompt: one sequence of token ids, or a batch of them (a list of sequences or [B, T]).
 Prompt = Sequence[int] | Sequence[Sequence[int]] | Tensor
@@ -36,23 +37,14 @@ Prompt = Sequence[int] | Sequence[Sequence[int]] | Tensor
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, Real)
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
+    if not is_number(temperature, real=True) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(
             f"temperature must be a finite number >= 0 (0 = greedy, 1 = the model's own "
             f"distribution), got {temperature!r}."
         )
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1
-    ):
+    if top_k is not None and (not is_int(top_k, integral=True) or top_k < 1):
         raise ValueError(f"top_k must be None (off) or an integer >= 1, got {top_k!r}.")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1
-    ):
+    if top_p is not None and (not is_number(top_p, real=True) or not 0 < top_p <= 1):
         raise ValueError(
             f"top_p must be None (off) or a number in (0, 1], got {top_p!r}; 0.9 is typical."
         )
@@ -299,12 +291,12 @@ class GenerationOptions:
         # Checked up front, so errors appear at the call, not mid-stream.
         _check_sampling(self.temperature, self.top_k, self.top_p)
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, Integral):
+        if not is_int(n, integral=True):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}.")
         if n < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {n}.")
         stop = self.stop_token
-        if stop is not None and (isinstance(stop, bool) or not isinstance(stop, Integral)):
+        if stop is not None and not is_int(stop, integral=True):
             raise ValueError(f"stop_token must be None or one token id (an int), got {stop!r}.")
 
 

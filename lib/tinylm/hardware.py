@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinylm.paths import REPO_ROOT
+from tinylm.util import is_number
 
 #: The catalogue shipped with the workbook (kept in git, small, meant to be edited).
 DEFAULT_HARDWARE_CSV = REPO_ROOT / "data" / "hardware.csv"
@@ -87,7 +88,7 @@ class Chip:
             required = name in ("bf16_tflops", "memory_gbps")
             if value is None and not required:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_number(value):
                 raise ValueError(f"Chip {self.name!r}: {name} must be a number, got {value!r}.")
             if not math.isfinite(value) or value < 0 or (required and value == 0):
                 raise ValueError(

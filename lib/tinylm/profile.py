@@ -26,7 +26,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -41,6 +40,7 @@ from tinylm.course.plots import PALETTE, si
 from tinylm.device import describe_device, pick_device, synchronize
 from tinylm.hardware import Chip, this_machine
 from tinylm.model import flops_per_token
+from tinylm.util import check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -69,11 +69,6 @@ __all__ = [
     "time_fn",
     "time_generation",
 ]
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -189,8 +184,8 @@ def time_fn(
     Each call is timed on its own (rather than `repeats` calls in one block) so that a moment
     when the machine was busy spoils one sample, which the median then ignores.
     """
-    _positive_int("repeats", repeats)
-    _positive_int("warmup", warmup, minimum=0)
+    check_int("repeats", repeats, integral=True)
+    check_int("warmup", warmup, minimum=0, integral=True)
     dev = pick_device(device)
 
     def call() -> None:
@@ -230,8 +225,8 @@ def median_seconds(
         raise ValueError(
             "median_seconds needs at least one function to time, e.g. median_seconds(f, g)"
         )
-    _positive_int("repeats", repeats)
-    _positive_int("warmup", warmup, minimum=0)
+    check_int("repeats", repeats, integral=True)
+    check_int("warmup", warmup, minimum=0, integral=True)
     dev = pick_device(device)
     for _ in range(warmup):
         for fn in fns:
@@ -399,10 +394,10 @@ def time_generation(
     """
     batch_sizes, context_lengths = list(batch_sizes), list(context_lengths)
     for b in batch_sizes:
-        _positive_int("batch size", b)
+        check_int("batch size", b, integral=True)
     for c in context_lengths:
-        _positive_int("context length", c)
-    _positive_int("new_tokens", new_tokens)
+        check_int("context length", c, integral=True)
+    check_int("new_tokens", new_tokens, integral=True)
     if not batch_sizes or not context_lengths:
         raise ValueError("give at least one batch size and one context length to time.")
     run = _runner(model)
@@ -500,7 +495,7 @@ def op_breakdown(
             "op_breakdown needs a torch model (it uses torch.profiler); for a port, use its "
             "runtime's own profiler (e.g. onnxruntime's SessionOptions.enable_profiling)."
         )
-    _positive_int("repeats", repeats)
+    check_int("repeats", repeats, integral=True)
     run = _runner(model)
     was_training = model.training
     model.eval()
@@ -700,8 +695,8 @@ def bytes_per_step(
     """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}.")
-    _positive_int("batch", batch)
-    _positive_int("context", context, minimum=1 if phase == "prefill" else 2)
+    check_int("batch", batch, integral=True)
+    check_int("context", context, minimum=1 if phase == "prefill" else 2, integral=True)
     if not activation_bytes > 0:
         raise ValueError(f"activation_bytes must be > 0, got {activation_bytes!r}.")
     shape = ModelShape.from_config(config)
@@ -884,8 +879,8 @@ def measure_roofline(
     on_cpu = dev.type == "cpu"
     size = (1024 if on_cpu else 8192) if size is None else size
     copy_bytes = (64 if on_cpu else 1024) * 2**20 if copy_bytes is None else copy_bytes
-    _positive_int("size", size, minimum=16)  # torch._int_mm needs more than 16 rows
-    _positive_int("copy_bytes", copy_bytes, minimum=4)
+    check_int("size", size, minimum=16, integral=True)  # torch._int_mm needs more than 16 rows
+    check_int("copy_bytes", copy_bytes, minimum=4, integral=True)
     unknown = [d for d in dtypes if d not in ROOFLINE_DTYPES]
     if unknown or not any(d != "int8" for d in dtypes):
         raise ValueError(

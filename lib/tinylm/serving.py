@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from tinylm.costs import SUPPORTED_BITS, ModelShape, decode_attention_per_cached_token
 from tinylm.economics import FrontierPoint, usd_per_million
 from tinylm.hardware import Chip
+from tinylm.util import is_int
 
 #: Per-direction scale-out bandwidth of one H800 (400 Gb/s InfiniBand), DeepSeek-V3 report.
 H800_INFINIBAND_GBPS = 50.0
@@ -52,7 +53,7 @@ def all_to_all_bytes_per_token(
     """
     if shape.mlp != "moe":
         raise ValueError(f"{shape.name!r} has no experts; all-to-all traffic needs an MoE model.")
-    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+    if not is_int(ep) or ep < 1:
         raise ValueError(f"ep={ep!r} must be an integer >= 1 (chips sharing the experts).")
     per_layer = shape.experts_per_token * shape.d_model * (dispatch_bytes + combine_bytes)
     return shape.n_moe_layers * per_layer * (1 - 1 / ep)

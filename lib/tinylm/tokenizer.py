@@ -48,7 +48,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tinylm.util import atomic_write
+from tinylm.util import atomic_write, is_int
 
 EOT = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (EOT,)
@@ -275,7 +275,7 @@ class BPETokenizer:
         """
         _check_text(text)
         specials = _check_special_tokens(special_tokens)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        if not is_int(vocab_size):
             raise TypeError(f"vocab_size must be an int, not {type(vocab_size).__name__}")
         n_merges = vocab_size - 256 - len(specials)
         if n_merges < 0:
@@ -546,7 +546,7 @@ def _check_merges(merges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     for i, merge in enumerate(merges):
         a, b = merge
         for x in (a, b):
-            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 256 + i:
+            if not is_int(x) or not 0 <= x < 256 + i:
                 raise ValueError(
                     f"merge {i} is {list(merge)}, but merge {i} can only join ids "
                     f"0..{256 + i - 1} (bytes and earlier merges)"

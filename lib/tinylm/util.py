@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,42 @@ def kernel_shell() -> Any:
 def in_notebook() -> bool:
     """True inside a Jupyter kernel (including a headless one run by nbval/nbclient)."""
     return kernel_shell() is not None
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def is_int(value: Any, *, integral: bool = False) -> bool:
+    """True if `value` is an integer argument: an int, never a bool (True is an int in Python).
+
+    integral=True also accepts any numbers.Integral, e.g. a NumPy integer or a value read
+    back from JSON by a library that gives NumPy types; the default accepts plain int only.
+    """
+    kinds = Integral if integral else int
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def is_number(value: Any, *, real: bool = False) -> bool:
+    """True if `value` is a numeric argument: an int or a float, never a bool.
+
+    real=True also accepts any numbers.Real (a NumPy float, a Fraction); the default accepts
+    plain int and float only.
+    """
+    kinds = Real if real else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def check_int(
+    name: str, value: Any, minimum: int = 1, *, integral: bool = False, fix: str | None = None
+) -> None:
+    """Raise ValueError unless `value` is an integer (see is_int) of at least `minimum`.
+
+    The message names the argument, the value and the fix, e.g. "max_batch must be an
+    integer >= 1, got 0; pass a whole number of at least 1."
+    """
+    if not is_int(value, integral=integral) or value < minimum:
+        fix = fix or f"pass a whole number of at least {minimum}"
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {fix}.")
 
 
 # ----------------------------------------------------------------------------- files

@@ -37,7 +37,7 @@ from safetensors import safe_open  # the Rust reader; its NumPy front end needs 
 
 from tinylm.cache_positions import CachePositions  # no torch
 from tinylm.tokenizer import BPETokenizer  # pure Python, no torch
-from tinylm.util import sha256_file
+from tinylm.util import is_int, sha256_file
 
 F32 = np.float32
 
@@ -718,7 +718,7 @@ class CachedLM:
         generator. use_cache=False recomputes the whole sequence every step (the baseline).
         stop_token ends a row (not included); the batch ends when every row has.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
+        if not is_int(max_new_tokens, integral=True):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")

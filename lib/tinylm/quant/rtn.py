@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinylm.util import is_int
+
 GRANULARITIES = ("tensor", "channel", "group")
 
 # ----------------------------------------------------------------------------- the math
@@ -245,7 +247,7 @@ def check_format(bits: Any, group_size: Any, granularity: str | None) -> str:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if granularity == "group":
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        if not is_int(group_size) or group_size < 1:
             raise ValueError(
                 f"granularity='group' needs group_size, a positive int (32, 64, 128), got {group_size!r}."
             )

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from tinylm.util import in_notebook
+from tinylm.util import in_notebook, is_number
 
 DIFFICULTIES = ("warm-up", "core", "stretch")
 Status = Literal["passed", "failed", "not_attempted"]
@@ -359,7 +359,7 @@ def expect_close(
         _expect_close_array(got, expected, rel, abs_tol, what, hint, args)
         return
     value = got.item() if getattr(got, "shape", None) == () and hasattr(got, "item") else got
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value, real=True):
         raise Fail(
             f"{what} should be a number, got the {type(got).__name__} {_fmt(got)}",
             _resolve_hint(hint, got, expected, args),
