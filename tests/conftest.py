@@ -6,7 +6,8 @@ import signal
 
 import matplotlib
 import pytest
-import torch
+
+from tinylm.device import cpu_threads
 
 # Tests never open windows; notebooks under nbval use their own inline backend.
 matplotlib.use("Agg")
@@ -42,10 +43,8 @@ def one_torch_thread():
     op that opens an OpenMP region waits for a descheduled thread: in torch 2.13 index_add_
     into a few rows (the MoE scatter at small batch) took ~100 ms instead of microseconds.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with cpu_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

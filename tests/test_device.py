@@ -67,3 +67,16 @@ def test_no_hard_coded_device_strings_outside_device_module():
             if pattern.search(line.split("#")[0]):
                 offenders.append(f"{path.relative_to(lib)}:{number}: {line.strip()}")
     assert not offenders, "device names outside tinylm.device:\n" + "\n".join(offenders)
+
+
+def test_cpu_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with dev.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), dev.cpu_threads(1):
+        raise RuntimeError("a failing block still restores the count")
+    assert torch.get_num_threads() == before
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="whole number of threads"), dev.cpu_threads(bad):
+            pass
