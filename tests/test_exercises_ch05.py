@@ -25,7 +25,7 @@ from tinylm.model import (
     count_parameters,
     kv_cache_bytes_per_token,
 )
-from tinylm.train import RECIPES
+from tinylm.recipes import RECIPES
 
 # Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,8 @@ import torch
 
 from tinylm.model import GPT, GPTConfig
 from tinylm.port.numpy_runtime import NumpyLM, activation_names
-from tinylm.port.onnx import OnnxLM, export_onnx
+from tinylm.port.onnx import OnnxLM
+from tinylm.port.onnx_export import export_onnx
 from tinylm.port.parity import (
     CANN_TOOL_RULE,
     FP32_RULE,

@@ -13,7 +13,8 @@ from tiny_models import TINY, make_model, torch_logits
 from tinylm.generate import generate
 from tinylm.model import GPT
 from tinylm.port.numpy_runtime import activation_names
-from tinylm.port.onnx import METADATA_KEY, OnnxLM, export_onnx
+from tinylm.port.onnx import METADATA_KEY, OnnxLM
+from tinylm.port.onnx_export import export_onnx
 
 # Exported with the legacy TorchScript exporter (dynamo=False), which takes well under a
 # second; the default dynamo exporter (~10 s, two symbolic traces) is exercised once, on the

@@ -646,16 +646,3 @@ def _restore(
 
 
 # --------------------------------------------------------------------------- live plot
-
-
-# Named recipes and load_or_train live in tinylm.recipes, which imports this module (so a
-# top-level import of it here would be a circle). The old names stay reachable from here.
-_MOVED_TO_RECIPES = ("RECIPES", "Recipe", "load_or_train", "recipe_data", "train_recipe")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_RECIPES:
-        from tinylm import recipes  # lazy on purpose: recipes imports this module
-
-        return getattr(recipes, name)
-    raise AttributeError(f"module 'tinylm.train' has no attribute {name!r}")

@@ -131,7 +131,8 @@ def tiny_section(args: argparse.Namespace) -> None:
               f"tokens as generate(): {same}")  # fmt: skip
         rows["Engine compiled"] = per_token(lambda k: compiled.generate(prompt, k), n, reps)
     try:
-        from tinylm.port.onnx import OnnxLM, export_onnx
+        from tinylm.port.onnx import OnnxLM
+        from tinylm.port.onnx_export import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = export_onnx(model, Path(tmp) / "m.onnx", dynamo=False)

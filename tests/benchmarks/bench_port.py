@@ -54,7 +54,8 @@ from tinylm import checkpoint  # noqa: E402
 from tinylm.model import GPT, GPTConfig  # noqa: E402
 from tinylm.paths import data_dir  # noqa: E402
 from tinylm.port.numpy_runtime import NumpyLM  # noqa: E402
-from tinylm.port.onnx import OnnxLM, export_onnx  # noqa: E402
+from tinylm.port.onnx import OnnxLM  # noqa: E402
+from tinylm.port.onnx_export import export_onnx  # noqa: E402
 from tinylm.port.parity import FP32_RULE, relative_l2_error  # noqa: E402
 
 

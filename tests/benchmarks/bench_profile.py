@@ -5,7 +5,7 @@ Run by hand (not collected by pytest):
     .venv/bin/python tests/benchmarks/bench_profile.py [--threads N] [--device cpu] [--quick]
                                                        [--plot roofline.png]
 
-Prints, for the "default" model of tinylm.train.RECIPES (its checkpoint if there is one, else
+Prints, for the "default" model of tinylm.recipes.RECIPES (its checkpoint if there is one, else
 random weights of the same shape: speed does not depend on what the weights learned; this
 script never trains):
 
@@ -44,7 +44,7 @@ from tinylm.profile import (
     predicted_vs_measured,
     time_generation,
 )
-from tinylm.train import RECIPES
+from tinylm.recipes import RECIPES
 
 
 def default_model(device: torch.device) -> tuple[GPT, str]:

@@ -4,7 +4,7 @@ Run by hand (not collected by pytest):
 
     .venv/bin/python tests/benchmarks/bench_quant.py [--train] [--eval-batches 24] [--repeats 5] [--threads 1]
 
-Model: the "default" recipe's checkpoint (tinylm.train.load_or_train). If there is none,
+Model: the "default" recipe's checkpoint (tinylm.recipes.load_or_train). If there is none,
 --train trains it now (2-2.5 minutes on 2 free cores); without --train a *random* default-size
 model is used and the quality figures are meaningless (the script says so).
 
@@ -41,7 +41,7 @@ from tinylm.quant_model import (
     set_compute,
     set_kv_cache,
 )
-from tinylm.train import RECIPES, load_or_train
+from tinylm.recipes import RECIPES, load_or_train
 
 SCHEMES = [
     "int8",

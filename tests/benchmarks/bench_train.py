@@ -21,7 +21,8 @@ import torch
 from tinylm.data import TokenSplits
 from tinylm.device import describe_device, pick_device, synchronize
 from tinylm.model import GPT, GPTConfig, flops_per_token
-from tinylm.train import RECIPES, train
+from tinylm.recipes import RECIPES
+from tinylm.train import train
 
 
 def main() -> None:

@@ -68,16 +68,6 @@ def io_names(config: Any, activations: bool) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", *past], ["logits", *present, *acts]
 
 
-def __getattr__(name: str) -> Any:
-    # export_onnx lives in tinylm.port.onnx_export, which needs torch and imports this module;
-    # importing it here only when asked keeps this module torch-free (and without a circle).
-    if name == "export_onnx":
-        from tinylm.port.onnx_export import export_onnx
-
-        return export_onnx
-    raise AttributeError(f"module 'tinylm.port.onnx' has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------- the runtime
 
 
@@ -120,7 +110,7 @@ class OnnxLM(CachedLM):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"no ONNX file at {path}. Fix: write one with tinylm.port.onnx.export_onnx(model, "
+                f"no ONNX file at {path}. Fix: write one with tinylm.port.onnx_export.export_onnx(model, "
                 f"{str(path)!r})."
             )
         available = ort.get_available_providers()
@@ -139,7 +129,7 @@ class OnnxLM(CachedLM):
         if METADATA_KEY not in meta:
             raise ValueError(
                 f"{path} has no {METADATA_KEY!r} metadata, so it was not written by "
-                "tinylm.port.onnx.export_onnx; export the model with it."
+                "tinylm.port.onnx_export.export_onnx; export the model with it."
             )
         self.config = json.loads(meta[METADATA_KEY])
         self.path = path
