@@ -176,6 +176,18 @@ def test_bias_update_direction_and_balance():
     assert moe.expert_bias[:2].max() < moe.expert_bias[2:].min()
 
 
+def test_no_balancing_leaves_a_collapsed_router_collapsed():
+    # The same skewed router as above, trained 50 forwards with moe_balance="none": nothing
+    # pushes the load apart, so experts 0 and 1 keep every token and the bias never moves.
+    moe, x = skewed_moe(n_tokens=512, moe_balance="none")
+    moe.train()
+    for _ in range(50):
+        moe(x)
+    counts = moe.last_expert_counts
+    assert counts[0] == counts[1] == 512 and counts[2:].sum() == 0
+    assert torch.equal(moe.expert_bias, torch.zeros(E)) and moe.aux_loss.item() == 0.0
+
+
 @pytest.mark.parametrize("balance", ["bias", "aux_loss", "none"])
 def test_bias_frozen_in_eval_and_no_grad(balance):
     moe, x = skewed_moe(moe_balance=balance)

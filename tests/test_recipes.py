@@ -97,3 +97,29 @@ def test_load_or_train_trains_once_then_loads(tiny_recipe, tmp_path, monkeypatch
 def test_load_or_train_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ValueError, match="no recipe named 'nope'.*default"):
         R.load_or_train("nope")
+
+
+@pytest.mark.parametrize(
+    "name, balance",
+    [("moe_unbalanced", "none"), ("moe_aux_loss", "aux_loss"), ("moe_bias_short", "bias")],
+)
+def test_router_recipes_differ_from_moe_only_in_balance_and_length(name, balance):
+    moe, variant = R.RECIPES["moe"], R.RECIPES[name]
+    assert variant.model == {**moe.model, "moe_balance": balance}
+    assert variant.train.steps == R.ROUTER_STEPS < moe.train.steps
+    same = {"lr", "min_lr", "batch_size", "seed", "warmup_steps", "eval_batches"}
+    assert all(getattr(variant.train, k) == getattr(moe.train, k) for k in same)
+    assert (variant.corpus, variant.vocab_size) == (moe.corpus, moe.vocab_size)
+
+
+def test_second_seed_recipe_differs_from_dense_only_in_its_seed():
+    dense, seed1 = R.RECIPES["dense"], R.RECIPES["dense_seed1"]
+    assert seed1.train.seed != dense.train.seed
+    assert _what_trains_but_seed(seed1) == _what_trains_but_seed(dense)
+
+
+def _what_trains_but_seed(recipe):
+    d = recipe.to_dict()
+    d.pop("description")
+    d["train"].pop("seed")
+    return d
