@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from tinylm.costs import SUPPORTED_BITS, ModelShape, decode_attention_per_cached_token
 from tinylm.economics import FrontierPoint, usd_per_million
@@ -141,6 +142,22 @@ def _memory(shape, chip, ep, redundant, weight_bits, kv_bits, sequences, max_con
     return weights, total, total <= chip.memory_bytes
 
 
+def _timed_step(chip: Chip, compute_dtype: str, network_gbps: float, **counts: Any) -> EPStep:
+    """An EPStep whose three times follow from its counts (one home for decode and prefill).
+
+    Matmuls run at the `compute_dtype` peak, attention at the bf16 peak; weights and KV
+    stream at the chip's memory bandwidth; the all-to-all at `network_gbps` per chip.
+    """
+    return EPStep(
+        chip=chip.name,
+        compute_seconds=counts["matmul_flops"] / chip.peak_flops(compute_dtype)
+        + counts["attention_flops"] / chip.peak_flops("bf16"),
+        memory_seconds=(counts["weight_bytes"] + counts["kv_bytes"]) / chip.memory_bytes_per_s,
+        network_seconds=counts["network_bytes"] / (network_gbps * 1e9),
+        **counts,
+    )
+
+
 def ep_decode_step(
     shape: ModelShape,
     chip: Chip,
@@ -188,8 +205,8 @@ def ep_decode_step(
     _, mem, fits = _memory(
         shape, chip, ep, redundant_experts, weight_bits, kv_bits, b, max_context or context
     )
-    return EPStep(
-        chip=chip.name,
+    return _timed_step(
+        chip, compute_dtype, network_gbps,
         ep=ep,
         tokens_per_chip=b,
         context=context,
@@ -198,14 +215,10 @@ def ep_decode_step(
         weight_bytes=weight_bytes,
         kv_bytes=kv_bytes,
         network_bytes=network,
-        compute_seconds=matmul_flops / chip.peak_flops(compute_dtype)
-        + attention_flops / chip.peak_flops("bf16"),
-        memory_seconds=(weight_bytes + kv_bytes) / chip.memory_bytes_per_s,
-        network_seconds=network / (network_gbps * 1e9),
         memory_per_chip_bytes=mem,
         fits=fits,
         overlap=overlap,
-    )
+    )  # fmt: skip
 
 
 def ep_prefill(
@@ -250,8 +263,8 @@ def ep_prefill(
     _, mem, fits = _memory(
         shape, chip, ep, redundant_experts, weight_bits, kv_bits, sequences, prompt_len
     )
-    return EPStep(
-        chip=chip.name,
+    return _timed_step(
+        chip, compute_dtype, network_gbps,
         ep=ep,
         tokens_per_chip=T,
         context=pairs_per_token,
@@ -260,14 +273,10 @@ def ep_prefill(
         weight_bytes=weight_bytes,
         kv_bytes=kv_bytes,
         network_bytes=network,
-        compute_seconds=matmul_flops / chip.peak_flops(compute_dtype)
-        + attention_flops / chip.peak_flops("bf16"),
-        memory_seconds=(weight_bytes + kv_bytes) / chip.memory_bytes_per_s,
-        network_seconds=network / (network_gbps * 1e9),
         memory_per_chip_bytes=mem,
         fits=fits,
         overlap=overlap,
-    )
+    )  # fmt: skip
 
 
 def ep_frontier(
