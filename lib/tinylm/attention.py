@@ -52,14 +52,20 @@ class KVCache(CachePositions):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(batch_size, max_len)
+        self.dtype, self.device = dtype, device
         self.layers = [
-            tuple(
-                torch.zeros(batch_size, heads, max_len, dim, dtype=dtype, device=device)
-                for heads, dim in shapes
-            )
+            tuple(self._zeros(heads, dim, self.storage_dtype or dtype) for heads, dim in shapes)
             for shapes in layer_shapes
         ]
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+
+    #: What the buffers hold; None: the compute dtype. A quantised cache sets its code dtype.
+    storage_dtype: torch.dtype | None = None
+
+    def _zeros(self, heads: int, dim: int, dtype: torch.dtype) -> Tensor:
+        """A zeroed buffer [batch_size, heads, max_len, dim] on the cache's device."""
+        shape = (self.batch_size, heads, self.max_len, dim)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def write(self, layer: int, pos: int, *new: Tensor) -> None:
         """Store new entries [B, heads, T, dim] of `layer` at positions pos .. pos+T."""

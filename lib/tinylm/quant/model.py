@@ -242,23 +242,14 @@ class Int8KVCache(KVCache):
     prefix each step, so the saving is in what the cache holds, not in speed.
     """
 
-    def __init__(
-        self,
-        batch_size: int,
-        max_len: int,
-        layer_shapes: list[list[tuple[int, int]]],
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(batch_size, max_len, [], dtype, device)  # mask, pos; no float buffers
-        self.dtype = dtype
+    storage_dtype = torch.int8
 
-        def zeros(heads: int, dim: int, dt: torch.dtype) -> Tensor:
-            return torch.zeros(batch_size, heads, max_len, dim, dtype=dt, device=device)
-
-        self.layers = [tuple(zeros(h, d, torch.int8) for h, d in shapes) for shapes in layer_shapes]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The arguments of KVCache; the buffers hold int8 codes, plus one fp16 scale each."""
+        super().__init__(*args, **kwargs)
         self.scales = [
-            tuple(zeros(h, 1, torch.float16) for h, _ in shapes) for shapes in layer_shapes
+            tuple(self._zeros(buf.shape[1], 1, torch.float16) for buf in bufs)
+            for bufs in self.layers
         ]
 
     def write(self, layer: int, pos: int, *new: Tensor) -> None:
