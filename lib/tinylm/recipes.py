@@ -71,24 +71,30 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+#: Chapter 05's variants train 1 / VARIANT_BUDGET_DIVISOR of the default's steps. Five of them
+#: (four variants and a second seed) plus the router runs below make the chapter's first run;
+#: a quarter keeps that near two default trainings (measured on 2 cores: 135-160 ms a step).
+VARIANT_BUDGET_DIVISOR = 4
+
+
 def _same_budget_variant(description: str, train_seed: int = 0, **model_changes: Any) -> Recipe:
-    """The "default" recipe with `model_changes` and half its steps (chapter 05's variants).
+    """The "default" recipe with `model_changes` and a quarter of its steps (chapter 05).
 
     Chapter 05 trains four of these side by side (dense, GQA, MLA, MoE) with exactly the same
     budget: same corpus, tokenizer, batch, block size, learning-rate schedule and seed, and
-    half the default's steps (and evaluation interval), so that all four train in about the
-    time of 2 default runs. Derived from the default entry, they stay in step when it changes.
+    1 / VARIANT_BUDGET_DIVISOR of the default's steps (and evaluation interval). Derived from
+    the default entry, they stay in step when it changes.
     train_seed seeds the initial weights and the batch order (a second seed measures how much
     of a difference between variants is noise).
     """
     base = RECIPES["default"]
-    steps = max(1, base.train.steps // 2)
+    steps = max(1, base.train.steps // VARIANT_BUDGET_DIVISOR)
     train = dataclasses.replace(
         base.train,
         seed=train_seed,
         steps=steps,
         warmup_steps=min(base.train.warmup_steps, steps),
-        eval_interval=max(1, base.train.eval_interval // 2),
+        eval_interval=max(1, base.train.eval_interval // VARIANT_BUDGET_DIVISOR),
     )
     model = {**base.model, **model_changes}
     return dataclasses.replace(base, description=description, model=model, train=train)
@@ -97,7 +103,7 @@ def _same_budget_variant(description: str, train_seed: int = 0, **model_changes:
 RECIPES.update(
     {
         "dense": _same_budget_variant(
-            "chapter 05 baseline: the default model with half the default's steps"
+            "chapter 05 baseline: the default model with a quarter of the default's steps"
         ),
         "gqa": _same_budget_variant(
             "chapter 05: grouped-query attention, half as many key/value heads as query heads",
@@ -125,10 +131,10 @@ RECIPES.update(
     }
 )
 
-#: Steps of chapter 05's router-balance runs. Under a quarter of the variants' budget keeps
-#: the three runs near a minute and a half on 2 cores together; the unbalanced router's
-#: loads were already lopsided at this length (measured in chapter 05, section 7).
-ROUTER_STEPS = 120
+#: Steps of chapter 05's router-balance runs: the three together cost about one variant on
+#: 2 cores (MoE steps ~190 ms); at 120 steps the unbalanced router's loads were clearly
+#: lopsided (busiest expert 3x the average), and chapter 05 prints what this length shows.
+ROUTER_STEPS = 80
 
 
 def _router_variant(description: str, balance: str) -> Recipe:
