@@ -116,16 +116,39 @@ def test_compile_error_falls_back_to_eager(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_eager_tokens():
+@pytest.mark.parametrize("scope", ["step", "block"])
+def test_compiled_decode_gives_the_eager_tokens(scope):
     model = make("gqa")
-    engine = Engine(model, compile=True)
+    engine = Engine(model, compile=True, compile_scope=scope)
     if not engine.compiled:
         pytest.skip(f"torch.compile unavailable here: {engine.fallback_reason}")
     want = Engine(model, compile=False).generate(PROMPT, 16)
     assert engine.generate(PROMPT, 16) == want
     assert list(engine.compile_seconds) == [1] and engine.compiled
+    assert engine.fallback_reason is None  # compiled for real, not an eager fallback
     assert engine.generate(PROMPT, 16) == want  # second run: no recompile, same tokens
     assert list(engine.compile_seconds) == [1]
+    eager = Engine(model, compile=False)
+    token = torch.tensor([PROMPT[-1]])
+    for e in (engine, eager):
+        e.prefill(torch.tensor([PROMPT[:-1]]))
+    torch.testing.assert_close(
+        engine.decode_step(token, len(PROMPT) - 1),
+        eager.decode_step(token, len(PROMPT) - 1),
+        rtol=0,
+        atol=LOGITS_ATOL,
+    )
+
+
+def test_compile_scope_auto_follows_depth():
+    shallow = Engine(make("mha"), compile=False)
+    assert shallow.compile_scope == "step"  # 2 layers
+    torch.manual_seed(0)
+    deep = GPT(GPTConfig(vocab_size=VOCAB, context_length=CTX, n_layer=7, n_head=2, n_embd=16))
+    assert engine_mod.STEP_SCOPE_MAX_LAYERS < 7
+    assert Engine(deep, compile=False).compile_scope == "block"
+    with pytest.raises(ValueError, match="compile_scope"):
+        Engine(deep, compile_scope="layer")
 
 
 def test_sampling_is_seeded():
