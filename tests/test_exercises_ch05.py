@@ -25,7 +25,7 @@ from tinylm.model import (
     count_parameters,
     kv_cache_bytes_per_token,
 )
-from tinylm.recipes import RECIPES
+from tinylm.recipes import RECIPES, VARIANT_BUDGET_DIVISOR
 
 # Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -277,7 +277,7 @@ def test_chapter_05_variants_share_one_budget_derived_from_the_default():
     variants = {name: RECIPES[name] for name in ("dense", "gqa", "mla", "moe")}
     for recipe in variants.values():
         assert recipe.train == variants["dense"].train  # same steps, batch, schedule, seed
-        assert recipe.train.steps == max(1, default.train.steps // 2)
+        assert recipe.train.steps == max(1, default.train.steps // VARIANT_BUDGET_DIVISOR)
         assert recipe.train.batch_size == default.train.batch_size
         assert recipe.train.lr == default.train.lr
         assert (recipe.corpus, recipe.vocab_size, recipe.val_fraction) == (

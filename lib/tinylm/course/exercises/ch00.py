@@ -17,6 +17,7 @@ from typing import Any
 from tinylm.course.exercises.core import (
     check_cases,
     exercise,
+    first_matching_hint,
     is_close,
     unseen,
 )
@@ -140,10 +141,8 @@ def _predict_variants(args: Any) -> list[tuple[float, str]]:
 
 
 def _predict_hint(got: Any, expected: Any, args: Any) -> str:
-    for value, hint in _predict_variants(args):
-        if not _close(value, expected, 1e-9) and _close(got, value, 1e-6):
-            return hint
-    return (
+    close = lambda a, b: _close(a, b, 1e-6)
+    return first_matching_hint(got, expected, _predict_variants(args), close) or (
         "seconds = max(2·n·d_in·d_out / peak, bytes · (n·d_in + d_in·d_out + n·d_out) / bandwidth)"
     )
 
@@ -273,10 +272,10 @@ def _gpu_time_hint(got: Any, expected: Any, args: Any) -> str:
             "training costs 6·N per token and inference 2·N: keep the factor 3",
         ),
     ]
-    for value, hint in mistakes:
-        if not _close(value, expected, 1e-9) and _close(got, value, 1e-6):
-            return hint
-    return "solve 2·N·T / (peak · u_serve) = 6·N·D / (peak · u_train) for T"
+    close = lambda a, b: _close(a, b, 1e-6)
+    return first_matching_hint(got, expected, mistakes, close) or (
+        "solve 2·N·T / (peak · u_serve) = 6·N·D / (peak · u_train) for T"
+    )
 
 
 @exercise(

@@ -21,7 +21,7 @@ from tinylm.course.exercises.core import (
     exercise,
     expect_close,
     expect_equal,
-    is_close,
+    first_matching_hint,
     log_forwards,
     unseen,
 )
@@ -63,10 +63,9 @@ def _kv_bytes_hint(got: Any, expected: Any, args: Any) -> str:
         (expected * 8, "bytes_per_element is already in bytes; do not multiply by 8 bits"),
         (expected / context, "the cache holds every token of the context: multiply by context"),
     ]
-    for value, hint in mistakes:
-        if value != expected and is_close(got, value):
-            return hint
-    return "2 (K and V) × n_layer × n_kv_head × head_dim × bytes_per_element × context × batch"
+    return first_matching_hint(got, expected, mistakes) or (
+        "2 (K and V) × n_layer × n_kv_head × head_dim × bytes_per_element × context × batch"
+    )
 
 
 def _kv_case(r: Any) -> tuple[Any, int, int, int]:
@@ -490,10 +489,9 @@ def _decode_bound_hint(got: Any, expected: Any, args: Any) -> str:
             "you computed seconds per token; tokens/s is the inverse",
         ),
     ]
-    for value, hint in mistakes:
-        if not is_close(value, expected) and is_close(got, value):
-            return hint
-    return "batch_size × bandwidth / (weight_bytes + batch_size × context × kv_bytes_per_token)"
+    return first_matching_hint(got, expected, mistakes) or (
+        "batch_size × bandwidth / (weight_bytes + batch_size × context × kv_bytes_per_token)"
+    )
 
 
 @exercise(

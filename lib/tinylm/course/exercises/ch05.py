@@ -20,6 +20,7 @@ from tinylm.course.exercises.core import (
     check_cases,
     exercise,
     expect_close,
+    first_matching_hint,
     is_close,
     log_forwards,
     unseen,
@@ -27,14 +28,6 @@ from tinylm.course.exercises.core import (
 
 # torch and tinylm.model are imported inside the functions: listing the exercises of all
 # chapters should not pay for importing torch.
-
-
-def _first_match(got: Any, expected: Any, mistakes: list[tuple[Any, str]]) -> str | None:
-    """The hint of the first typical mistake whose value `got` equals (and `expected` not)."""
-    for value, hint in mistakes:
-        if not is_close(value, expected) and is_close(got, value):
-            return hint
-    return None
 
 
 def _num(value: Any) -> str:
@@ -69,7 +62,7 @@ def _kv_bytes_hint(got: Any, expected: Any, args: Any) -> str:
     L, H, D = c.n_layer, c.n_head, c.head_dim
     if c.attention == "mla":
         r, Dr = c.kv_lora_rank, c.rope_head_dim
-        found = _first_match(
+        found = first_matching_hint(
             got,
             expected,
             [
@@ -97,7 +90,7 @@ def _kv_bytes_hint(got: Any, expected: Any, args: Any) -> str:
             ],
         )
         return found or "MLA: n_layer × (kv_lora_rank + rope_head_dim) × bytes_per_element"
-    found = _first_match(
+    found = first_matching_hint(
         got,
         expected,
         [
@@ -286,7 +279,7 @@ def reference_experts_touched(n_experts: int, experts_per_token: int, tokens: in
 
 def _touched_hint(got: Any, expected: Any, args: Any) -> str:
     E, k, n = args
-    found = _first_match(
+    found = first_matching_hint(
         got,
         expected,
         [

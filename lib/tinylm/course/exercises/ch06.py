@@ -23,6 +23,7 @@ from tinylm.course.exercises.core import (
     check_cases,
     exercise,
     expect_close,
+    first_matching_hint,
     is_close,
     unseen,
 )
@@ -70,10 +71,9 @@ def _bytes_hint(got: Any, expected: Any, args: Any) -> str:
         ((bits / 8 + scale_b + zero_b) / group, "only the scale and zero point are shared by the "
          "group; every weight has its own code of bits / 8 bytes"),
     ]  # fmt: skip
-    for value, hint in guesses:
-        if _close(got, value) and not _close(value, expected):
-            return hint
-    return "bytes per weight = bits / 8 + (scale_bytes + zero_bytes) / group_size"
+    return first_matching_hint(got, expected, guesses, _close) or (
+        "bytes per weight = bits / 8 + (scale_bytes + zero_bytes) / group_size"
+    )
 
 
 @exercise("ch06.bytes_per_weight", difficulty="warm-up", title="Bytes per weight of a format")
@@ -254,10 +254,8 @@ def _nearest_on_grid(have: Any, w: Any, gs: int) -> float | None:
 
 def _int4_hint(got: Any, expected: Any, args: Any) -> str:
     w, gs = args
-    for value, hint in _int4_variants(w, gs):
-        if _tensors_close(got, value) and not _tensors_close(value, expected):
-            return hint
-    return (
+    variants = _int4_variants(w, gs)
+    return first_matching_hint(got, expected, variants, _tensors_close) or (
         "per group of group_size weights of a row: s = max|w| / 7, q = round(w / s) "
         "clamped to -7..7, return q * s"
     )
@@ -308,10 +306,7 @@ def _q4_0_variants(block: Any) -> list[tuple[Any, str]]:
 
 
 def _q4_0_hint(got: Any, expected: Any, args: Any) -> str:
-    for value, hint in _q4_0_variants(args):
-        if _tensors_close(got, value) and not _tensors_close(value, expected):
-            return hint
-    return (
+    return first_matching_hint(got, expected, _q4_0_variants(args), _tensors_close) or (
         "d = block[:2].view(torch.float16); for j < 16: element j = ((block[2 + j] & 0x0F) - 8) "
         "* d and element j + 16 = ((block[2 + j] >> 4) - 8) * d"
     )

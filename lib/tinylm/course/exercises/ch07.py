@@ -22,6 +22,7 @@ from tinylm.course.exercises.core import (
     case_seed,
     exercise,
     expect_close,
+    first_matching_hint,
     is_close,
 )
 
@@ -180,10 +181,7 @@ def _attention_hint(got: Any, expected: Any, args: Any) -> str:
             "your softmax overflowed (these scores exceed 88, where float32 exp is inf): "
             "subtract each row's maximum score before np.exp; the result does not change"
         )
-    for value, hint in _attention_variants(q, k, v):
-        if not _arrays_close(value, expected) and _arrays_close(got, value):
-            return hint
-    return (
+    return first_matching_hint(got, expected, _attention_variants(q, k, v), _arrays_close) or (
         "scores = q · k / sqrt(D) per head and position; softmax over positions; "
         "output = probabilities · v; with GQA repeat each key/value head H // Hkv times"
     )

@@ -19,6 +19,7 @@ from tinylm.course.exercises.core import (
     exercise,
     expect_close,
     expect_equal,
+    first_matching_hint,
     unseen,
 )
 
@@ -46,10 +47,10 @@ def _allreduce_hint(got: Any, expected: Any, args: Any) -> str:
         (expected / n_layer, "every layer all-reduces: multiply by n_layer"),
         (expected * tp, "the ring factor is 2 (tp-1)/tp, not 2 (tp-1)"),
     ]
-    for value, hint in mistakes:
-        if value != expected and math.isclose(got, value, rel_tol=1e-9):
-            return hint
-    return "2 per layer x n_layer x 2 (tp-1)/tp x tokens x d_model x bytes_per_value"
+    close = lambda a, b: math.isclose(a, b, rel_tol=1e-9)
+    return first_matching_hint(got, expected, mistakes, close) or (
+        "2 per layer x n_layer x 2 (tp-1)/tp x tokens x d_model x bytes_per_value"
+    )
 
 
 @exercise("ch09.allreduce_bytes", difficulty="warm-up", title="Bytes all-reduced per forward")

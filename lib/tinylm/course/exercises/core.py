@@ -332,6 +332,23 @@ def is_close(a: Any, b: Any, rel: float = 1e-6, abs_tol: float = 0.0) -> bool:
         return False
 
 
+def first_matching_hint(
+    got: Any,
+    expected: Any,
+    mistakes: Iterable[tuple[Any, str]],
+    close: Callable[[Any, Any], bool] = is_close,
+) -> str | None:
+    """The hint of the first typical mistake whose value `got` matches, or None.
+
+    `mistakes` pairs the value a typical mistake gives with the hint for it; a mistake whose
+    value equals the right answer on these inputs cannot be told apart, so it is skipped.
+    """
+    for value, hint in mistakes:
+        if close(got, value) and not close(value, expected):
+            return hint
+    return None
+
+
 def _to_numpy(value: Any) -> Any:
     import numpy as np
 
