@@ -1,12 +1,14 @@
-"""Tests for tinylm.util's argument checks: one home for "is this an integer / a number"."""
+"""Tests for tinylm.util's argument checks (one home for "is this an integer / a number") and paths."""
 
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tinylm.paths import display_path
 from tinylm.util import check_int, is_int, is_number
 
 
@@ -40,3 +42,11 @@ def test_check_int_default_fix_and_minimum():
         ValueError, match=r"warmup must be .* got -1; pass a whole number of at least 0"
     ):
         check_int("warmup", -1, minimum=0)
+
+
+def test_display_path_names_workbook_files_without_the_machine_prefix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLM_DATA_DIR", str(tmp_path / "data"))
+    inside = tmp_path / "data" / "checkpoints" / "dense"
+    assert display_path(inside) == "data/checkpoints/dense"
+    elsewhere = Path("/somewhere/else/model.safetensors")
+    assert display_path(elsewhere) == str(elsewhere)

@@ -27,3 +27,15 @@ def checkpoint_dir() -> Path:
     path = data_dir() / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` as messages print it: relative to the workbook when inside it (``data/...``).
+
+    Notebook outputs are committed and read on the web; an absolute path names one machine.
+    """
+    resolved = Path(path).resolve()
+    for base in (data_dir().resolve().parent, REPO_ROOT):
+        if resolved.is_relative_to(base):
+            return str(resolved.relative_to(base))
+    return str(path)

@@ -21,7 +21,7 @@ from tinylm import checkpoint as ckpt
 from tinylm.data import load_corpus, prepare_tokens, split_text
 from tinylm.device import describe_device, pick_device, seed_everything
 from tinylm.model import GPT, GPTConfig
-from tinylm.paths import cache_dir, checkpoint_dir
+from tinylm.paths import cache_dir, checkpoint_dir, display_path
 from tinylm.tokenizer import BPETokenizer
 from tinylm.train import TrainConfig, evaluate_bpb, train
 
@@ -73,12 +73,14 @@ RECIPES: dict[str, Recipe] = {
 
 #: Chapter 05's variants train 1 / VARIANT_BUDGET_DIVISOR of the default's steps. Five of them
 #: (four variants and a second seed) plus the router runs below make the chapter's first run;
-#: a quarter keeps that near two default trainings (measured on 2 cores: 135-160 ms a step).
-VARIANT_BUDGET_DIVISOR = 4
+#: an eighth keeps it near one default training (2 cores: 135-190 ms a step). Measured in
+#: the browser suite on a clean clone: at half the default's steps the chapter's first run
+#: took 566 s, at a quarter 331 s.
+VARIANT_BUDGET_DIVISOR = 8
 
 
 def _same_budget_variant(description: str, train_seed: int = 0, **model_changes: Any) -> Recipe:
-    """The "default" recipe with `model_changes` and a quarter of its steps (chapter 05).
+    """The "default" recipe with `model_changes` and an eighth of its steps (chapter 05).
 
     Chapter 05 trains four of these side by side (dense, GQA, MLA, MoE) with exactly the same
     budget: same corpus, tokenizer, batch, block size, learning-rate schedule and seed, and
@@ -103,7 +105,7 @@ def _same_budget_variant(description: str, train_seed: int = 0, **model_changes:
 RECIPES.update(
     {
         "dense": _same_budget_variant(
-            "chapter 05 baseline: the default model with a quarter of the default's steps"
+            "chapter 05 baseline: the default model with an eighth of the default's steps"
         ),
         "gqa": _same_budget_variant(
             "chapter 05: grouped-query attention, half as many key/value heads as query heads",
@@ -131,10 +133,10 @@ RECIPES.update(
     }
 )
 
-#: Steps of chapter 05's router-balance runs: the three together cost about one variant on
-#: 2 cores (MoE steps ~190 ms); at 120 steps the unbalanced router's loads were clearly
-#: lopsided (busiest expert 3x the average), and chapter 05 prints what this length shows.
-ROUTER_STEPS = 80
+#: Steps of chapter 05's router-balance runs (MoE steps ~190 ms on 2 cores): at 80 and at
+#: 120 steps the unbalanced router's busiest expert already carried 3x the average load;
+#: chapter 05 prints what this length shows.
+ROUTER_STEPS = 60
 
 
 def _router_variant(description: str, balance: str) -> Recipe:
@@ -212,10 +214,10 @@ def load_recipe_checkpoint(
     try:
         model, tokenizer, meta = ckpt.load(path, device=device)
     except (OSError, ValueError) as err:
-        print(f"retraining {name!r}: the checkpoint at {path} does not load ({err})")
+        print(f"retraining {name!r}: the checkpoint at {display_path(path)} does not load ({err})")
         return None
     if _what_trains(meta.get("recipe")) != _what_trains(recipe.to_dict()):
-        print(f"retraining {name!r}: the recipe changed since {path} was saved")
+        print(f"retraining {name!r}: the recipe changed since {display_path(path)} was saved")
         return None
     return model, tokenizer, meta
 
@@ -310,7 +312,7 @@ def _cached_tokenizer(corpus: Any, vocab_size: int, val_fraction: float) -> Any:
         try:
             return BPETokenizer.load(path)
         except (OSError, ValueError) as err:
-            print(f"retraining the tokenizer: {path} does not load ({err})")
+            print(f"retraining the tokenizer: {display_path(path)} does not load ({err})")
     tokenizer = BPETokenizer.train(text, vocab_size)
     tokenizer.save(path)  # atomic: a crash never leaves a half-written tokenizer in the cache
     return tokenizer
