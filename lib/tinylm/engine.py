@@ -14,10 +14,12 @@ stays the same. The Engine removes both:
   all max_len slots with a mask hiding the unwritten ones. Every step then has identical
   shapes, so one compiled program serves them all. The step runs the model's own blocks
   and attention layers: only the cache they write to differs.
-- torch.compile turns the whole step into one program: the small ops of every layer fused
-  into a few kernels, one guard check per token instead of Python between ops. On CUDA it
-  uses mode="reduce-overhead" (CUDA graphs: one launch replays the step). Compile time is
-  paid once per batch size and reported (`compile_seconds`).
+- torch.compile fuses the small ops into a few kernels called from C++. On a CPU it compiles
+  either the whole step as one program (shallow models: least overhead per token) or one
+  block that every layer reuses (deep models: compile time independent of depth), see
+  `compile_scope`. On CUDA the whole step runs with mode="reduce-overhead" (CUDA graphs: one
+  launch replays the step). Compile time is paid once per batch size and reported
+  (`compile_seconds`).
   Where compiling is impossible (no C++ compiler, an unsupported platform, a compile
   error) the Engine prints one line saying why and runs eagerly.
 - Low-bit weights on real kernels: "bf16" halves the bytes each step reads; "int8"
