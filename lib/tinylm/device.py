@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from tinylm.util import check_int
+
 #: The device kinds tinylm knows, in the order ``pick_device()`` prefers them.
 KNOWN_DEVICES = ("cuda", "mps", "npu", "cpu")
 
@@ -135,8 +137,7 @@ def cpu_threads(n: int) -> Iterator[None]:
     Tiny models have too little work per operation to share between threads: on a busy
     2-core machine a second thread mostly waits for a core, so small runs use one.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"cpu_threads needs a whole number of threads >= 1, got {n!r}")
+    check_int("cpu_threads(n)", n, 1, fix="pass a whole number of threads, e.g. 1")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -230,15 +230,19 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+_SET_STANCE = getattr(torch.compiler, "set_stance", None)
+#: Whether this torch can skip guard checks (torch >= 2.6); looked up once, not per token.
+CAN_SKIP_GUARDS = (
+    _SET_STANCE is not None
+    and "skip_guard_eval_unsafe" in inspect.signature(_SET_STANCE).parameters
+)
+
+
 def _skip_guard_checks() -> contextlib.AbstractContextManager:
     """torch.compiler.set_stance(skip_guard_eval_unsafe=True) where this torch has it."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if (
-        set_stance is None
-        or "skip_guard_eval_unsafe" not in inspect.signature(set_stance).parameters
-    ):
+    if not CAN_SKIP_GUARDS:
         return contextlib.nullcontext()
-    return set_stance("default", skip_guard_eval_unsafe=True)
+    return _SET_STANCE("default", skip_guard_eval_unsafe=True)
 
 
 # ----------------------------------------------------------------------------- the cache
