@@ -132,12 +132,64 @@ def test_compiled_decode_gives_the_eager_tokens(scope):
     token = torch.tensor([PROMPT[-1]])
     for e in (engine, eager):
         e.prefill(torch.tensor([PROMPT[:-1]]))
+    want_logits = eager.decode_step(token, len(PROMPT) - 1)
     torch.testing.assert_close(
-        engine.decode_step(token, len(PROMPT) - 1),
-        eager.decode_step(token, len(PROMPT) - 1),
-        rtol=0,
-        atol=LOGITS_ATOL,
+        engine.decode_step(token, len(PROMPT) - 1), want_logits, rtol=0, atol=LOGITS_ATOL
     )
+    # a token given as a strided int32 view is the same step, not a new shape to compile
+    strided = torch.tensor([[0, PROMPT[-1]]], dtype=torch.int32)[:, -1]
+    got = engine.decode_step(strided, len(PROMPT) - 1)
+    torch.testing.assert_close(got, want_logits, rtol=0, atol=LOGITS_ATOL)
+    assert list(engine.compile_seconds) == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_compiled_one_row_products_use_gemv_and_match_the_kernel(fmt, monkeypatch):
+    """Compiled on a CPU, 1-2 rows go through `gemv` (traced), more rows through the kernel."""
+    if engine_mod.compile_unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("torch.compile unavailable here")
+    if fmt == "int8" and low_bit_kernels(torch.device("cpu"))["int8"]:
+        pytest.skip(low_bit_kernels(torch.device("cpu"))["int8"])
+    traced = []
+    real_gemv = engine_mod.gemv
+    monkeypatch.setattr(engine_mod, "gemv", lambda x, w: traced.append(x.shape) or real_gemv(x, w))
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=False)
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    if fmt == "int8":
+        layer = Int8WeightLinear(linear)
+    else:
+        layer = engine_mod.GemvLinear(linear.to(dtype))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    tol = 1e-5 if fmt == "fp32" else 1e-2  # bf16 outputs: ~3 significant digits
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 1, 96).to(dtype)
+        with torch.inference_mode():
+            want, got = layer(x).float(), compiled(x).float()  # eager: the matmul kernel
+        assert (got - want).abs().max() <= tol * want.abs().max()
+    # traced once per rows value that takes the gemv path (1 and 2, not 3)
+    assert [shape[0] for shape in traced] == [1, 2]
+    assert engine_mod.GEMV_MAX_ROWS == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32"])
+def test_compiled_low_bit_engine_matches_its_eager_logits(fmt):
+    if low_bit_kernels(torch.device("cpu")).get(fmt):
+        pytest.skip(low_bit_kernels(torch.device("cpu"))[fmt])
+    model = make("mha")
+    engine = Engine(model, compile=True, weights=fmt)
+    if not engine.compiled:
+        pytest.skip(f"torch.compile unavailable here: {engine.fallback_reason}")
+    eager = Engine(model, compile=False, weights=fmt)
+    token = torch.tensor([PROMPT[-1]])
+    for e in (engine, eager):
+        e.prefill(torch.tensor([PROMPT[:-1]]))
+    want = eager.decode_step(token, len(PROMPT) - 1)
+    got = engine.decode_step(token, len(PROMPT) - 1)
+    assert engine.fallback_reason is None
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # bf16 activations
 
 
 def test_compile_scope_auto_follows_depth():

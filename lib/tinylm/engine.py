@@ -18,7 +18,14 @@ stays the same. The Engine removes both:
   either the whole step as one program (shallow models: least overhead per token) or one
   block that every layer reuses (deep models: compile time independent of depth), see
   `compile_scope`. On CUDA the whole step runs with mode="reduce-overhead" (CUDA graphs: one
-  launch replays the step). Compile time is paid once per batch size and reported
+  launch replays the step).
+- Matrix-vector products written for the compiler. A decode step multiplies one row by
+  every weight matrix. BLAS runs such a product on one thread (~11-18 GB/s on the 2-core
+  machine, whatever the thread count), so on a CPU the compiled step computes products of
+  up to GEMV_MAX_ROWS rows as an explicit multiply-and-sum (`gemv`): the compiler turns it
+  into a loop that splits the rows between all threads and converts bf16 or int8 weights
+  to float in registers, reading ~26-33 GB/s. This is the CPU cousin of what gpt-fast does
+  on GPUs. Compile time is paid once per batch size and reported
   (`compile_seconds`).
   Where compiling is impossible (no C++ compiler, an unsupported platform, a compile
   error) the Engine prints one line saying why and runs eagerly.
@@ -104,6 +111,48 @@ def low_bit_kernels(device: torch.device) -> dict[str, str | None]:
     return out
 
 
+#: A compiled CPU step computes a product with at most this many input rows as an explicit
+#: multiply-and-sum (`gemv`), larger ones with the matmul kernel. Measured on 2 CPU cores, the
+#: 100M preset's layers: the generated reduction read fp32 weights at ~28-30 GB/s (the
+#: memory's read rate) for 1 row and ~20 GB/s for 2, BLAS's `F.linear` at ~11 GB/s (it runs
+#: a one-row product on one thread); at 8 rows the reduction fell to ~6 GB/s, below BLAS.
+GEMV_MAX_ROWS = 2
+
+
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., in] @ weight[out, in]^T written as multiply-and-sum, computed in float32.
+
+    Inside torch.compile on a CPU this becomes one generated loop that splits the weight
+    rows between all threads and converts bf16 or int8 weights to float in registers, so
+    only the stored bytes cross the memory bus. Eagerly it would materialise a [..., out, in]
+    product: only call it while compiling (see `use_gemv`).
+    """
+    return (x.float().unsqueeze(-2) * weight.float()).sum(-1)
+
+
+def use_gemv(x: Tensor) -> bool:
+    """Whether a linear layer should call `gemv`: compiling for a CPU, with few input rows."""
+    return (
+        torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
+    )
+
+
+class GemvLinear(nn.Module):
+    """An nn.Linear's weight and bias (shared, not copied) whose compiled decode uses `gemv`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not use_gemv(x):
+            return F.linear(x, self.weight, self.bias)
+        y = gemv(x, self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
 class Int8WeightLinear(nn.Module):
     """y = x W^T with W stored as int8 codes + one bf16 scale per output row (weight-only).
 
@@ -128,6 +177,9 @@ class Int8WeightLinear(nn.Module):
         return w * self.scales.float()[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_gemv(x):  # int8 bytes converted in registers: ~1 byte read per weight
+            w = self.weight_int8[:, : self.in_features]
+            return (gemv(x, w) * self.scales.float()).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.pad:
@@ -290,6 +342,11 @@ def run_block_math_attention(
         return block(x, cos, sin, mask, cache)
 
 
+def run_head(model: GPT, x: Tensor) -> Tensor:
+    """Float32 next-token logits [B, V] from the last position of hidden states x [B, T, C]."""
+    return model.lm_head(model.norm(x[:, -1])).float()
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -386,7 +443,13 @@ class Engine:
         if weights == "fp32":
             if model.lm_head.weight.dtype != torch.float32:
                 raise ValueError("weights='fp32' needs a float32 model; call model.float() first.")
-            return model.eval()
+            # A copy of the modules that shares every weight (nothing is duplicated), with
+            # linears that compile to `gemv` for a one-row decode step.
+            shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+            new = copy.deepcopy(model, memo=shared).eval()
+            _replace_linears(new.blocks, GemvLinear)
+            new.lm_head = GemvLinear(new.lm_head)
+            return new
         if weights != "bf16" and any(getattr(b.attn, "absorb", False) for b in model.blocks):
             raise ValueError(
                 "absorbed MLA multiplies by kv_b_proj's weight matrix directly, so it cannot be "
@@ -398,12 +461,9 @@ class Engine:
         )  # fmt: skip
         new = copy.deepcopy(model).eval()
         new.to(torch.bfloat16)
-        if weights == "int8":
-            _replace_linears(new.blocks, Int8WeightLinear)
-            new.lm_head = Int8WeightLinear(new.lm_head)
-        elif weights == "int4-g32":
-            _replace_linears(new.blocks, Int4WeightLinear)
-            new.lm_head = Int4WeightLinear(new.lm_head)
+        make = {"bf16": GemvLinear, "int8": Int8WeightLinear, "int4-g32": Int4WeightLinear}
+        _replace_linears(new.blocks, make[weights])
+        new.lm_head = make[weights](new.lm_head)
         return new
 
     def _compile(self) -> None:
@@ -429,7 +489,9 @@ class Engine:
             block_fn = torch.compile(
                 run_block_math_attention, fullgraph=True, dynamic=False, options=options
             )
-            self._decode_fn = lambda idx, pos: self._step(idx, pos, block_fn)
+            # The output head too: a large matrix-vector product that gains from `gemv`.
+            head_fn = torch.compile(run_head, fullgraph=True, dynamic=False, options=options)
+            self._decode_fn = lambda idx, pos: self._step(idx, pos, block_fn, head_fn)
 
     def _fall_back(self, reason: str) -> None:
         _say(f"decoding eagerly (not compiled): {reason}.")
@@ -439,7 +501,11 @@ class Engine:
     # -- forward
 
     def _step(
-        self, idx: Tensor, pos: Tensor, block_fn: Callable[..., Tensor] = run_block
+        self,
+        idx: Tensor,
+        pos: Tensor,
+        block_fn: Callable[..., Tensor] = run_block,
+        head_fn: Callable[[GPT, Tensor], Tensor] = run_head,
     ) -> Tensor:
         """Float32 next-token logits [B, V] after tokens idx [B, T] written at positions pos [T]."""
         B = idx.shape[0]
@@ -449,7 +515,7 @@ class Engine:
         for block, cache in zip(self.model.blocks, self.layer_caches, strict=True):
             cache.positions, cache.rows = pos, B
             x = block_fn(block, x, cos, sin, mask, cache)  # the model's own blocks
-        return self.model.lm_head(self.model.norm(x[:, -1])).float()  # only the last position
+        return head_fn(self.model, x)  # only the last position
 
     def _step_math_attention(self, idx: Tensor, pos: Tensor) -> Tensor:
         return self._step(idx, pos, run_block_math_attention)
@@ -518,7 +584,10 @@ class Engine:
     def decode_step(self, token: Tensor, position: int) -> Tensor:
         """Logits [B, V] (float32) for tokens [B] at `position` (the cache holds 0..position-1)."""
         pos = torch.tensor([position], device=self.device)
-        return self._decode(token.view(-1, 1), pos)
+        # A fresh contiguous int64 column: the compiled step was specialised to one layout,
+        # and a strided view (e.g. ids[:, -1]) must not look like a new shape.
+        idx = token.to(torch.long).reshape(-1, 1).clone(memory_format=torch.contiguous_format)
+        return self._decode(idx, pos)
 
     def generate(
         self,
