@@ -3,7 +3,7 @@
 Run by hand (not collected by pytest):
 
     .venv/bin/python tests/benchmarks/bench_decode.py [--new-tokens 32] [--repeats 5]
-        [--big 100M] [--no-compile] [--threads N] [--skip-tiny] [--skip-big]
+        [--big 100M] [--no-compile] [--threads N] [--skip-tiny] [--skip-big] [--step-scope]
 
 Prints, in one run (medians over repeats; ratios within this run):
 
@@ -14,10 +14,12 @@ Prints, in one run (medians over repeats; ratios within this run):
    time of the external ones = (time for N new tokens - time for 1) / (N - 1), the same
    formula for ours. Then one decode step against the sum of its matmuls, each timed alone.
 2. GPTConfig.preset("100M") with random weights (timing does not depend on training), for
-   each weight format fp32 / bf16 / int8 / int4-g32 on tinylm.engine's kernels: per-token
-   time, tokens/s, bytes read per token, achieved GB/s of weights; a bare GEMV of the same
-   kernel over the same number of weight bytes; and the machine's measured read bandwidth
-   (tinylm.machine). The issue's goals are printed next to the ratios.
+   each weight format fp32 / bf16 / int8 / int4-g32, the Engine compiled (as the chapters
+   run it; eager fp32 for reference, and with --step-scope the whole step compiled as one
+   program), all timed in turns: per-token time, tokens/s, bytes read per token, achieved
+   GB/s of weights; a bare GEMV of the format's own layer (compiled alike) over the same
+   number of weight bytes; and the machine's measured read bandwidth (tinylm.machine). The
+   issue's goals are printed next to the ratios.
 
 On a CPU shared with other programs every figure is noisy; trust the ratios.
 """
@@ -253,6 +255,15 @@ def big_section(args: argparse.Namespace) -> None:
         print(f"{fmt}: built and compiled in {time.perf_counter() - start:.1f} s")
     if compiled:
         engines["fp32 eager"] = Engine(model, compile=False, weights="fp32", max_len=64)
+        if args.step_scope:  # the whole step as one program: no call per block, long compile
+            start = time.perf_counter()
+            engine = Engine(model, weights="fp32", max_len=64, compile_scope="step")
+            engine.prefill(prompt)
+            engine.decode_step(prompt[:, -1], prompt.shape[1])
+            engines["fp32 step scope"] = engine
+            print(
+                f"fp32, compile_scope='step': built and compiled in {time.perf_counter() - start:.1f} s"
+            )
 
     def steps(engine: Engine) -> Callable[[int], object]:
         def run(k: int) -> None:
@@ -311,6 +322,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--skip-big", action="store_true")
+    p.add_argument(
+        "--step-scope",
+        action="store_true",
+        help="also time the big model compiled as one whole step (about 30 s more compile)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
