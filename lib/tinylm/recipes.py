@@ -133,10 +133,10 @@ RECIPES.update(
     }
 )
 
-#: Steps of chapter 05's router-balance runs (MoE steps ~190 ms on 2 cores): at 80 and at
+#: Steps of chapter 05's router-balance runs (MoE steps ~190 ms on 2 cores): at 60, 80 and
 #: 120 steps the unbalanced router's busiest expert already carried 3x the average load;
 #: chapter 05 prints what this length shows.
-ROUTER_STEPS = 60
+ROUTER_STEPS = 40
 
 
 def _router_variant(description: str, balance: str) -> Recipe:

@@ -204,7 +204,7 @@ def _run_all(page) -> None:
 def _wait_until_stable(page, locator, *, n_images: int, timeout_s: float) -> str:
     """Wait until the Output widget's content stops changing and the kernel is idle.
 
-    "Stopped" means unchanged for 2 s once it holds ``n_images`` images (as many as the
+    "Stopped" means unchanged for 1 s once it holds ``n_images`` images (as many as the
     default rendering had), or for 15 s with fewer: a render prints its text before it
     draws, and the status bar does not show a kernel subshell busy with a widget message.
     """
@@ -217,7 +217,7 @@ def _wait_until_stable(page, locator, *, n_images: int, timeout_s: float) -> str
             last, since = state, time.monotonic()
         elif state != "loading" and idle.count() > 0:
             quiet = time.monotonic() - since
-            if quiet >= 15 or (quiet >= 2 and locator.locator("img").count() >= n_images):
+            if quiet >= 15 or (quiet >= 1 and locator.locator("img").count() >= n_images):
                 return state
         page.wait_for_timeout(250)
     raise AssertionError(f"the panel's output did not settle within {timeout_s:.0f} s")
@@ -298,7 +298,7 @@ def _open_and_run_all(page, server, notebook: Path, cells) -> dict[str, float]:
     t1 = time.monotonic()
     _run_all(page)
     try:
-        page.wait_for_function(_RUN_FINISHED_JS, timeout=RUN_ALL_TIMEOUT_S * 1000, polling=1000)
+        page.wait_for_function(_RUN_FINISHED_JS, timeout=RUN_ALL_TIMEOUT_S * 1000, polling=250)
     except Exception as err:
         prompts = page.evaluate(_PROMPTS_JS)
         pending = [(i, p) for i, p in enumerate(prompts) if not re.fullmatch(r"\[\d+\]:", p)]
