@@ -208,13 +208,14 @@ def tiny_section(args: argparse.Namespace) -> None:
     print(f"tinylm.generate (eager): {rows['tinylm.generate (eager)'] / matmul_s:.2f}x the matmuls")
 
 
-def bare_gemv_s(
-    fmt: str, n_weights: int, k: int, repeats: int, compiled: bool
-) -> tuple[float, int]:
-    """Median seconds of one product of this format's layer with one row over n_weights weights.
+def bare_gemv(
+    fmt: str, n_weights: int, k: int, compiled: bool
+) -> tuple[Callable[[int], object], int]:
+    """A run of one-row products of this format's layer over n_weights weights, and its bytes.
 
     The layer is the Engine's own (GemvLinear, Int8WeightLinear, Int4WeightLinear) on a
     [n/k, k] weight; compiled, it runs the same generated GEMV the compiled step runs.
+    run(calls) makes `calls` products, so per_token_in_turns times it beside the decode steps.
     """
     rows = n_weights // k // 16 * 16
     torch.manual_seed(0)
@@ -230,10 +231,14 @@ def bare_gemv_s(
     nbytes = sum(
         t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers())
     )
-    run = torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer
-    with torch.inference_mode():
-        s = median_s(lambda: run(x), repeats, warmup=2)
-    return s, nbytes
+    product = torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer
+
+    @torch.inference_mode()
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            product(x)
+
+    return run, nbytes
 
 
 def big_section(args: argparse.Namespace) -> None:
@@ -274,18 +279,20 @@ def big_section(args: argparse.Namespace) -> None:
 
         return run
 
-    per_token = per_token_in_turns(
-        {name: steps(e) for name, e in engines.items()}, args.big_tokens, args.repeats
-    )
+    # Each format's bare GEMV over the same weights, timed in the same turns as the steps.
     n_lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    results = {}
-    for name, s in per_token.items():
-        fmt = name.split()[0]
-        gemv_s, gemv_bytes = bare_gemv_s(
-            fmt, n_lin, c.n_embd, max(5, args.repeats), compiled and name != "fp32 eager"
+    runs = {name: steps(e) for name, e in engines.items()}
+    gemv_bytes = {}
+    for fmt in WEIGHT_FORMATS + (("fp32 eager",) if compiled else ()):
+        runs[f"GEMV {fmt}"], gemv_bytes[fmt] = bare_gemv(
+            fmt.split()[0], n_lin, c.n_embd, compiled and fmt != "fp32 eager"
         )
-        results[name] = dict(s=s, bytes=engines[name].step_weight_bytes,
-                             gemv_gbps=gemv_bytes / gemv_s / 1e9)  # fmt: skip
+    per_token = per_token_in_turns(runs, args.big_tokens, args.repeats)
+    results = {}
+    for name, engine in engines.items():
+        gemv = name if name in gemv_bytes else name.split()[0]  # step scope: fp32's GEMV
+        results[name] = dict(s=per_token[name], bytes=engine.step_weight_bytes,
+                             gemv_gbps=gemv_bytes[gemv] / per_token[f"GEMV {gemv}"] / 1e9)  # fmt: skip
     how = "compiled" if compiled else "eager"
     print(
         f"\nEngine {how} (fp32 eager for reference); bare GEMV = the format's own layer over the same bytes, {how}"
