@@ -13,13 +13,16 @@ bandwidth (reading them) and FLOPs / matmul_flops (multiplying). Whichever is la
 regime the step is in.
 
 Method (stated because bandwidth figures differ by 2x depending on it):
-- read: `buf.sum()` over a float32 buffer of READ_BYTES (8x this CPU's usual last-level
-  cache, so it streams from DRAM); bytes counted = buffer size.
+- read: `buf.amax()` over a float32 buffer of READ_BYTES (8x this CPU's usual last-level
+  cache, so it streams from DRAM); bytes counted = buffer size. A max, not a sum: on the
+  2-core build machine `buf.sum()` read 8-13% slower (21 vs 23 GB/s on one thread), its
+  additions holding a core back, and a compiled matrix-vector product out-read it.
 - copy: `dst.copy_(src)` between two such buffers; bytes counted = read + written (2x the
   buffer). A CPU also reads each destination line before writing it ("write-allocate"), so
   the DRAM traffic is nearer 3x and copy GB/s reads lower than read GB/s on most machines.
 - GEMV: `F.linear(x[1, k], W[n, k])` with W of GEMV_BYTES in each dtype; GB/s = W's bytes /
-  time: what a decode step can hope for per weight byte.
+  time: the BLAS matrix-vector product eager decode calls. (On a CPU it runs one row on
+  one thread; tinylm.engine's compiled step writes its own product and can beat it.)
 - matmul: `a @ b`, square, MATMUL_SIZE; FLOP/s = 2 n^3 / time.
 - op overhead: median time of `x.add_(1)` on an 8-element tensor: the fixed cost of one op.
 Each figure is the median of several timed calls after a warm-up. A busy machine measures
@@ -53,7 +56,7 @@ GEMV_BYTES = 64 * 2**20
 MATMUL_SIZE = 1024  # CPU; an accelerator gets 8192
 GEMV_DTYPES = ("float32", "bfloat16")
 MATMUL_DTYPES = ("float32", "bfloat16")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: read with amax (was sum)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def _measure(device: torch.device) -> Machine:
     # Filled, not torch.empty: the pages must exist before the clock starts.
     src = torch.ones(n_bytes // 4, device=device)
     dst = torch.zeros_like(src)
-    read_s = _median_s(src.sum, 7, device)
+    read_s = _median_s(src.amax, 7, device)
     copy_s = _median_s(lambda dst=dst, src=src: dst.copy_(src), 7, device)
     del src, dst  # free the buffers before the next allocations
 
