@@ -103,8 +103,12 @@ panel = interactive_panel(render, n=widgets.IntSlider(value=4, min=1, max=9))
     nb = nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell(source), nbformat.v4.new_code_cell(change)]
     )
+    # A short per-cell timeout: about one run in 15 here, the reply to the second cell sat
+    # unnoticed by the client until its timeout ran out (the kernel idle, the reply then
+    # read at once and the test passing), which cost 120 s of the suite with timeout=120.
+    # Each cell takes under a second.
     client = nbclient.NotebookClient(
-        nb, timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=20, resources={"metadata": {"path": str(tmp_path)}}
     )
     with client.setup_kernel():
         client.execute_cell(nb.cells[0], 0)
