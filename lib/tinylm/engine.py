@@ -157,7 +157,9 @@ class Int8WeightLinear(nn.Module):
     """y = x W^T with W stored as int8 codes + one bf16 scale per output row (weight-only).
 
     The kernel (`aten._weight_int8pack_mm`) reads the int8 bytes and scales inside the dot
-    product; nothing is expanded to floats in memory.
+    product; nothing is expanded to floats in memory. Compiled on a CPU, one- and two-row
+    products use `gemv` instead (the codes converted in registers, the scale applied after
+    the sum), which splits the rows between all threads.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
