@@ -18,17 +18,17 @@ stays the same. The Engine removes both:
   either the whole step as one program (shallow models: least overhead per token) or one
   block that every layer reuses (deep models: compile time independent of depth), see
   `compile_scope`. On CUDA the whole step runs with mode="reduce-overhead" (CUDA graphs: one
-  launch replays the step).
+  launch replays the step). Compile time is paid once per batch size and reported
+  (`compile_seconds`).
+  Where compiling is impossible (no C++ compiler, an unsupported platform, a compile
+  error) the Engine prints one line saying why and runs eagerly.
 - Matrix-vector products written for the compiler. A decode step multiplies one row by
   every weight matrix. BLAS runs such a product on one thread (~11-18 GB/s on the 2-core
   machine, whatever the thread count), so on a CPU the compiled step computes products of
   up to GEMV_MAX_ROWS rows as an explicit multiply-and-sum (`gemv`): the compiler turns it
   into a loop that splits the rows between all threads and converts bf16 or int8 weights
   to float in registers, reading ~26-33 GB/s. This is the CPU cousin of what gpt-fast does
-  on GPUs. Compile time is paid once per batch size and reported
-  (`compile_seconds`).
-  Where compiling is impossible (no C++ compiler, an unsupported platform, a compile
-  error) the Engine prints one line saying why and runs eagerly.
+  on GPUs.
 - Low-bit weights on real kernels: "bf16" halves the bytes each step reads; "int8"
   (per-channel, `aten._weight_int8pack_mm`) and "int4-g32" (groups of 32, tinylm's
   symmetric quantiser, `aten._weight_int4pack_mm[_for_cpu]`) read 1 and ~0.56 bytes per
@@ -249,6 +249,7 @@ class Int4WeightLinear(nn.Module):
 
 
 def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace every nn.Linear below `model` (the output head included) by make(linear)."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
             setattr(model, name, make(child))
@@ -449,8 +450,7 @@ class Engine:
             # linears that compile to `gemv` for a one-row decode step.
             shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
             new = copy.deepcopy(model, memo=shared).eval()
-            _replace_linears(new.blocks, GemvLinear)
-            new.lm_head = GemvLinear(new.lm_head)
+            _replace_linears(new, GemvLinear)
             return new
         if weights != "bf16" and any(getattr(b.attn, "absorb", False) for b in model.blocks):
             raise ValueError(
@@ -464,8 +464,7 @@ class Engine:
         new = copy.deepcopy(model).eval()
         new.to(torch.bfloat16)
         make = {"bf16": GemvLinear, "int8": Int8WeightLinear, "int4-g32": Int4WeightLinear}
-        _replace_linears(new.blocks, make[weights])
-        new.lm_head = make[weights](new.lm_head)
+        _replace_linears(new, make[weights])
         return new
 
     def _compile(self) -> None:
