@@ -170,14 +170,16 @@ def test_same_seed_gives_identical_weights_and_history():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mlp", ["dense", "moe"])
-def test_resume_is_bit_identical(tmp_path, mlp):
+@pytest.mark.parametrize(
+    "mlp, optimizer", [("dense", "adamw"), ("moe", "adamw"), ("dense", "muon"), ("moe", "muon")]
+)
+def test_resume_is_bit_identical(tmp_path, mlp, optimizer):
     extra = (
         dict(mlp="moe", n_experts=4, experts_per_token=2, moe_balance="bias")
         if mlp == "moe"
         else {}
     )
-    config = small_config(steps=10)
+    config = small_config(steps=10, optimizer=optimizer)
     straight = tiny_model(**extra)
     h_straight = train(straight, learnable_splits(), config, progress=False)
 

@@ -1,4 +1,4 @@
-"""Train a tinylm GPT: AdamW, warm-up + cosine schedule, clipping, bits-per-byte evaluation.
+"""Train a tinylm GPT: AdamW or Muon, warm-up + cosine schedule, clipping, bits-per-byte evaluation.
 
 The loop is the classic nanoGPT one, written to be read:
 
@@ -41,9 +41,12 @@ from tinylm import checkpoint as ckpt
 from tinylm.course.plots import LivePlot  # noqa: F401  (re-exported: train(..., callback=LivePlot()))
 from tinylm.data import EOT, bits_per_byte, get_batch
 from tinylm.device import pick_device
+from tinylm.optim import MuonWithAdamW, hidden_matrices
 from tinylm.util import in_notebook
 
 # --------------------------------------------------------------------------- configuration
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TrainConfig:
     min_lr: float = 1e-4  # the cosine decay ends here at the last step
     warmup_steps: int = 50  # linear warm-up from lr/warmup_steps to lr
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only, never on norms or biases
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the hidden matrices (tinylm.optim)
     beta1: float = 0.9
     beta2: float = 0.95  # < 0.999: adapts faster, the usual choice for small fast LM runs
     grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
@@ -98,6 +102,11 @@ class TrainConfig:
         )
         need(
             self.weight_decay >= 0, f"weight_decay={self.weight_decay} is negative", "use 0 or more"
+        )
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}",
+            'use "adamw" or "muon"',
         )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
@@ -160,20 +169,37 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) only.
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer config.optimizer names, with weight decay on matrices (>= 2-D) only.
 
     Decay pulls weights toward 0; that regularises matrices, but on a norm's gain it would
     fight the normalisation and on a bias it would only add noise, so 1-D tensors are exempt.
     named_parameters() lists a tied weight once, so it is updated once.
+    "adamw": torch.optim.AdamW for everything. "muon": tinylm.optim.MuonWithAdamW, Muon for
+    the matrices of the linear layers inside the model (attention, MLP, router), AdamW for
+    the embedding, the output head and the 1-D gains.
     """
-    decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    if config.optimizer == "adamw":
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    hidden = {id(p) for p in hidden_matrices(model)}
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": [p for p in decay if id(p) in hidden], "use_muon": True},
+        {"params": [p for p in decay if id(p) not in hidden]},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return MuonWithAdamW(
+        [g for g in groups if g["params"]],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=(config.beta1, config.beta2),
+    )
 
 
 # --------------------------------------------------------------------------- history
@@ -233,7 +259,7 @@ def training_step(
 
     Set the lr on every parameter group, forward, cross-entropy on the float logits plus
     the model's aux_loss(), forget the last step's gradients, backward, clip the global
-    gradient norm to grad_clip (None: no clipping), AdamW step. The order matters bit for
+    gradient norm to grad_clip (None: no clipping), optimizer step. The order matters bit for
     bit: gradients are zeroed before backward (else they add up over steps) and clipped
     before the step. Raises TrainingDiverged, before the weights change, when the loss or
     the gradient norm is not finite.
