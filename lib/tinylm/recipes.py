@@ -138,9 +138,11 @@ RECIPES.update(
     }
 )
 
-#: Steps of chapter 05's router-balance runs (MoE steps ~190 ms on 2 cores): at 60, 80 and
-#: 120 steps the unbalanced router's busiest expert already carried 3x the average load;
-#: chapter 05 prints what this length shows.
+#: Steps of chapter 05's router-balance runs (MoE steps ~190-220 ms on 2 cores). With
+#: AdamW, at 40, 60, 80 and 120 steps the unbalanced router's busiest expert already carried
+#: ~3x the average load; with Muon (the default recipe's optimizer since 2026-12-06) 40 steps
+#: measured busiest/average 1.55x unbalanced, 1.51x with the auxiliary loss, 1.29x with the
+#: bias. Chapter 05 prints what this length shows.
 ROUTER_STEPS = 40
 
 
