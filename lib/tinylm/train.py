@@ -618,9 +618,19 @@ def train(
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm.auto bar (a widget in notebooks, text in a terminal); a silent stand-in if disabled."""
+    """A tqdm.auto bar (a widget in notebooks, text in a terminal); a silent stand-in if disabled.
+
+    It redraws at most once a second (tqdm's default is ten times): in a notebook each redraw
+    is a message the browser must render, CPU time taken from the training on a small machine.
+    """
     return tqdm(
-        total=total, initial=initial, disable=not enabled, desc="train", unit="step", leave=True
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="train",
+        unit="step",
+        leave=True,
+        mininterval=1.0,
     )
 
 
