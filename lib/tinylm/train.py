@@ -174,14 +174,14 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 
     Decay pulls weights toward 0; that regularises matrices, but on a norm's gain it would
     fight the normalisation and on a bias it would only add noise, so 1-D tensors are exempt.
-    named_parameters() lists a tied weight once, so it is updated once.
+    parameters() lists a tied weight once, so it is updated once.
     "adamw": torch.optim.AdamW for everything. "muon": tinylm.optim.MuonWithAdamW, Muon for
     the matrices of the linear layers inside the model (attention, MLP, router), AdamW for
     the embedding, the output head and the 1-D gains.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     if config.optimizer == "adamw":
         groups = [
             {"params": decay, "weight_decay": config.weight_decay},
