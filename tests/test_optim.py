@@ -7,7 +7,7 @@ import torch
 
 from tinylm import train as T
 from tinylm.model import GPT, GPTConfig
-from tinylm.optim import MuonWithAdamW, hidden_matrices, orthogonalize
+from tinylm.optim import MuonWithAdamW, embedding_tables, hidden_matrices, orthogonalize
 from tinylm.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -117,9 +117,11 @@ def test_make_optimizer_muon_takes_the_hidden_matrices_and_adamw_the_rest(tie):
     assert id(model.lm_head.weight) in {id(p) for p in adam}
     every = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(every) == len(set(every)) == len(list(model.parameters()))
+    tables = {id(p) for p in embedding_tables(model)}  # untied: its own group, no decay
+    assert tables == (set() if tie else {id(model.tok_emb.weight)})
     for group in opt.param_groups:
         decays = group["weight_decay"] > 0
-        assert decays == all(p.dim() >= 2 for p in group["params"])
+        assert decays == all(p.dim() >= 2 and id(p) not in tables for p in group["params"])
 
 
 def test_train_config_names_the_known_optimizers():

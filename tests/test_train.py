@@ -12,6 +12,7 @@ from tinylm import checkpoint
 from tinylm import train as T
 from tinylm.data import TokenSplits, get_batch
 from tinylm.model import GPT, GPTConfig
+from tinylm.optim import embedding_tables
 from tinylm.train import History, LivePlot, TrainConfig, TrainingDiverged, lr_at, train
 
 # Tiny models: one thread is faster, and on a busy machine much faster (see the fixture).
@@ -72,6 +73,8 @@ def strip_timing(history: list[dict]) -> list[dict]:
         ("min_lr", 1.0),  # above lr
         ("warmup_steps", 2000),  # above steps
         ("weight_decay", -0.1),
+        ("embedding_lr_scale", 0.0),
+        ("embedding_lr_scale", float("nan")),
         ("beta2", 1.0),
         ("grad_clip", 0.0),
         ("eval_interval", 0),
@@ -124,6 +127,37 @@ def test_weight_decay_only_on_matrices_and_tied_weight_once():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embedding_lr_scale_multiplies_the_embeddings_step_only(optimizer):
+    x, y = get_batch(learnable_splits().train, 4, 16, torch.Generator().manual_seed(0))
+    moved = {}
+    for scale in (1.0, 10.0):
+        model = tiny_model()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        config = TrainConfig(optimizer=optimizer, embedding_lr_scale=scale, weight_decay=0.0)
+        opt = T.make_optimizer(model, config)
+        T.training_step(model, opt, x, y, lr=1e-3, grad_clip=None)
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert lrs[id(model.tok_emb.weight)] == pytest.approx(1e-3 * scale)
+        assert all(lr == 1e-3 for i, lr in lrs.items() if i != id(model.tok_emb.weight))
+        moved[scale] = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    # Adam's first step moves every weight with a gradient by about lr: 10x the lr, 10x the
+    # step for the embedding's rows, and exactly the same step for every other weight.
+    used = moved[1.0]["tok_emb.weight"] > 0
+    ratio = moved[10.0]["tok_emb.weight"][used] / moved[1.0]["tok_emb.weight"][used]
+    assert ratio.median().item() == pytest.approx(10.0, rel=1e-3)
+    for name in moved[1.0]:
+        if name != "tok_emb.weight":
+            assert torch.equal(moved[1.0][name], moved[10.0][name]), name
+
+
+def test_a_tied_embedding_is_also_the_head_and_keeps_the_common_lr():
+    model = tiny_model(tie_embeddings=True)
+    opt = T.make_optimizer(model, TrainConfig(embedding_lr_scale=30.0))
+    assert all("lr_scale" not in g for g in opt.param_groups)
+    assert embedding_tables(model) == []
+
+
 def test_training_lowers_validation_bpb_and_records_every_step():
     records = []
     history = train(
@@ -179,7 +213,9 @@ def test_resume_is_bit_identical(tmp_path, mlp, optimizer):
         if mlp == "moe"
         else {}
     )
-    config = small_config(steps=10, optimizer=optimizer)
+    # Muon as the default recipe runs it: with the embedding's own, larger learning rate.
+    scale = 30.0 if optimizer == "muon" else 1.0
+    config = small_config(steps=10, optimizer=optimizer, embedding_lr_scale=scale)
     straight = tiny_model(**extra)
     h_straight = train(straight, learnable_splits(), config, progress=False)
 

@@ -7,8 +7,9 @@ momentum matrix M = U S V^T by its orthogonal part U V^T (every singular value s
 before stepping. A raw gradient is dominated by a few directions (a few large singular
 values); orthogonalising gives the rare directions an equal share of the step, the usual
 explanation of why Muon needs fewer steps. What it buys here is measured, not assumed:
-chapter 03's ablation table and tests/benchmarks/bench_floor_gap.py (default recipe: 1.18x
-the entropy floor on unseen stories after 900 steps, 1.27x with AdamW). U V^T comes from
+chapter 03's ablation table and tests/benchmarks/bench_floor_gap.py (default recipe, embedding
+at the common lr: 1.17-1.18x the entropy floor on unseen stories after 900 steps, 1.27x with
+AdamW; the comment on tinylm.recipes.RECIPES has the figures). U V^T comes from
 five Newton-Schulz iterations, a few small matrix products, not from an SVD.
 
 Muon is for 2-D weights that act on hidden vectors (attention and MLP projections). The
@@ -57,6 +58,17 @@ def orthogonalize(matrix: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return x.mT if tall else x
 
 
+def embedding_tables(model: nn.Module) -> list[Tensor]:
+    """The weights of the model's nn.Embedding lookup tables, except one tied to the head.
+
+    A table row gets a gradient only from the positions where its token occurs, so the
+    table learns from far fewer updates than a matrix every token goes through; make_optimizer
+    can give it a larger learning rate (TrainConfig.embedding_lr_scale). A table tied to the
+    output head (model.lm_head) is also the head, which every position trains: not listed.
+    """
+    return _weights_except_the_head(model, nn.Embedding)
+
+
 def hidden_matrices(model: nn.Module) -> list[Tensor]:
     """The weights Muon should update: matrices of linear layers, except the output head.
 
@@ -64,11 +76,16 @@ def hidden_matrices(model: nn.Module) -> list[Tensor]:
     logits and is trained like the embedding, with AdamW; so is a head tied to the
     embedding. Each tensor is listed once.
     """
+    return _weights_except_the_head(model, nn.Linear)
+
+
+def _weights_except_the_head(model: nn.Module, module_type: type[nn.Module]) -> list[Tensor]:
+    """Trainable .weight of every module_type module, each tensor once, not model.lm_head's."""
     head = getattr(model, "lm_head", None)
     skip = {id(head.weight)} if isinstance(head, nn.Linear) else set()
     found: dict[int, Tensor] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.requires_grad:
+        if isinstance(module, module_type) and module.weight.requires_grad:
             if id(module.weight) not in skip:
                 found.setdefault(id(module.weight), module.weight)
     return list(found.values())
